@@ -1,0 +1,159 @@
+"""From a ``QwenConfig`` to megatron-core's ``TransformerConfig`` and ``GPTModel``.
+
+Qwen in megatron-core terms: RMSNorm, SwiGLU (``gated_linear_unit`` with SiLU; ``linear_fc1`` holds
+the gate rows first), bias on the QKV projection only, rotary position embedding with the preset's
+base and no learned positions, tied or untied output layer without bias. Parallel sizes come from
+``megatron.core.parallel_state``, so ``platform.distributed.initialize`` runs first.
+
+Embedding rows: Qwen's published row counts (151936, 152064) are multiples of 128, so every
+power-of-two TP size divides them and they are kept as they are; the softmax then runs over the
+same rows as in ``transformers``. A vocabulary that is not a multiple of 128 is padded up to one: the
+row count stays the same at every TP size, so checkpoints keep one shape, and the padded logits are
+masked to -inf so that the softmax still equals the one over the real rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_qwen.models.presets import QwenConfig
+from megatron_qwen.models.spec import decoder_spec
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(cfg: QwenConfig, tp: int) -> int:
+    """Embedding rows of the megatron model: the published count, or the next multiple of 128."""
+    rows = -(-cfg.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if rows % tp:
+        raise ValueError(
+            f"tensor-parallel size {tp} does not divide the {rows} embedding rows of {cfg.name}; "
+            f"use a power of two up to {VOCAB_PAD_MULTIPLE}"
+        )
+    return rows
+
+
+def transformer_config(
+    cfg: QwenConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    attention_dropout: float = 0.0,
+    hidden_dropout: float = 0.0,
+    sequence_parallel: bool = False,
+    recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
+    cpu: bool | None = None,
+    **overrides,
+) -> TransformerConfig:
+    """megatron-core's ``TransformerConfig`` for ``cfg`` at the current parallel layout.
+
+    ``cpu=None`` means: CPU when no GPU is visible. ``overrides`` go to ``TransformerConfig`` as they
+    are (e.g. fusions or FP8 settings on a GPU).
+    """
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    fields = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        attention_dropout=attention_dropout,
+        hidden_dropout=hidden_dropout,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype if pp > 1 else None,
+        use_cpu_initialization=cpu,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
+        # gloo does not keep the order of the sends and receives in one batch between a pair of
+        # ranks; with the interleaved schedule batched p2p then mixes up microbatches on the CPU
+        batch_p2p_comm=not cpu,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_model(
+    cfg: QwenConfig,
+    *,
+    layer_impl: str = "local",
+    config: TransformerConfig | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    **config_overrides,
+) -> GPTModel:
+    """This rank's part of the Qwen model (its pipeline stage and tensor-parallel shard).
+
+    ``config_overrides`` are ``transformer_config`` arguments, used when ``config`` is not given.
+    """
+    if config is None:
+        config = transformer_config(cfg, **config_overrides)
+    elif config_overrides:
+        raise ValueError(f"pass either config or config overrides, not both: {sorted(config_overrides)}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    rows = padded_vocab_size(cfg, config.tensor_model_parallel_size)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_spec(config, layer_impl, vp_stage),
+        vocab_size=rows,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_base,
+        vp_stage=vp_stage,
+    )
+    if post_process and rows > cfg.vocab_size:
+        _mask_padded_logits(model.output_layer, cfg.vocab_size, rows)
+    return model
+
+
+def _mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int, rows: int) -> None:
+    """Sets the logits of padding rows to -inf on the tensor-parallel rank that holds them."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    rows_per_rank = rows // parallel_state.get_tensor_model_parallel_world_size()
+    first_row = tp_rank * rows_per_rank
+    padded = torch.arange(first_row, first_row + rows_per_rank) >= vocab_size
+    if not padded.any():
+        return
+
+    def mask(module, inputs, output):
+        logits, bias = output
+        return logits.masked_fill(padded.to(logits.device), float("-inf")), bias
+
+    output_layer.register_forward_hook(mask)
+
+
+def gather_logits(logits: torch.Tensor, cfg: QwenConfig) -> torch.Tensor:
+    """The full-vocabulary logits ``[b, s, vocab_size]`` from the last stage's tensor-parallel shards.
+
+    ``GPTModel`` returns each rank's slice of the vocabulary; this gathers them and drops padding.
+    """
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return full[..., : cfg.vocab_size]

@@ -1,0 +1,51 @@
+"""Layer specs: which modules make up a Qwen decoder, with or without Transformer Engine.
+
+``"te"`` is megatron-core's Transformer Engine spec, unchanged (fused attention, bf16, FP8).
+``"local"`` is megatron-core's local spec with our ``SDPAttention`` as core attention and our
+``RMSNorm`` in place of the torch-norm fallback; it runs on GPUs without TE and on the CPU.
+Both name their checkpoint entries alike (the local spec's key map renames the norms into the TE
+linear layers' names), so a checkpoint saved with one loads with the other.
+"""
+from __future__ import annotations
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_qwen.models.local_modules import FinalRMSNorm, RMSNorm, SDPAttention
+
+LAYER_IMPLS = ("local", "te")
+
+
+def transformer_engine_available() -> bool:
+    return gpt_layer_specs.HAVE_TE
+
+
+def local_layer_spec() -> ModuleSpec:
+    """megatron-core's local GPT layer with SDPA core attention and a sequence-parallel RMSNorm."""
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def te_layer_spec() -> ModuleSpec:
+    if not transformer_engine_available():
+        raise RuntimeError("layer_impl='te' needs Transformer Engine, which does not import here; use 'local'")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def decoder_spec(
+    config: TransformerConfig, layer_impl: str, vp_stage: int | None = None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The ``transformer_layer_spec`` argument of ``GPTModel`` for this pipeline stage."""
+    if layer_impl == "te":
+        return te_layer_spec()  # the block adds TE's own final norm
+    if layer_impl != "local":
+        raise ValueError(f"layer_impl must be one of {LAYER_IMPLS}, not {layer_impl!r}")
+    return TransformerBlockSubmodules(
+        layer_specs=[local_layer_spec()] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=FinalRMSNorm,
+    )

@@ -1,0 +1,101 @@
+"""Distributed start-up: torch.distributed, megatron-core's parallel groups and the seeds.
+
+The process's rank and world come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``), from SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with
+``MASTER_ADDR`` taken from the first host of ``SLURM_NODELIST`` when unset), or, with neither, a
+single process (rank 0 of 1 on a free local port) so that tools run without a launcher. CPU runs use
+gloo and CPU mode; GPU runs use NCCL, one GPU per local rank.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import torch
+
+from megatron_qwen.platform.cpu_mode import enable_cpu_mode
+
+_DEFAULT_PORT = "29500"
+
+
+def initialize(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: int | None = None,
+    seed: int = 1234,
+    cpu: bool | None = None,
+) -> None:
+    """Starts torch.distributed and megatron-core's model-parallel groups, then seeds every RNG.
+
+    ``cpu=None`` means: CPU when no GPU is visible.
+    """
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        enable_cpu_mode()
+    rank, world_size, local_rank = _launch_environment()
+    if not torch.distributed.is_initialized():
+        if not cpu:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(
+            backend="gloo" if cpu else "nccl", rank=rank, world_size=world_size
+        )
+    if world_size % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel={tensor_parallel} "
+            f"x pipeline_parallel={pipeline_parallel}"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+    )
+    # With use_cpu_initialization the weights come from the CPU generator, which
+    # model_parallel_cuda_manual_seed does not touch; seed both so that runs repeat.
+    torch.manual_seed(seed)
+    mcore_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tears down megatron-core's groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _launch_environment() -> tuple[int, int, int]:
+    """Returns (rank, world size, local rank) and fills MASTER_ADDR/MASTER_PORT where needed."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = first_slurm_host(env["SLURM_NODELIST"])
+        env.setdefault("MASTER_PORT", _DEFAULT_PORT)
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    return 0, 1, 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not first:
+        raise ValueError(f"SLURM_NODELIST {nodelist!r} names no host")
+    prefix, ranges = first.group(1), first.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    """A TCP port that was free on this host a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

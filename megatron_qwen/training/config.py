@@ -1,0 +1,283 @@
+"""The training configuration: plain dataclasses, recipe files, and command-line flags generated from the fields.
+
+Every field of every section is one flag, spelled like the field (``data_path`` -> ``--data-path``), so field
+names are unique across sections. Values are applied in this order, later winning: the defaults below (the
+Qwen technical report's SFT recipe, section 3.1.2), a recipe file (``--recipe FILE``: a JSON object of
+field names to values), then the flags given on the command line. ``Optional`` fields take ``none`` on the
+command line; booleans take ``--flag`` / ``--no-flag``; lists take one or more values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_qwen.models.presets import PRESETS
+
+
+def setting(default, help: str):
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    preset: Optional[str] = setting(
+        None, f"model preset ({', '.join(PRESETS)}); default: read from the pretrained checkpoint"
+    )
+    dropout: float = setting(0.1, "dropout on hidden states and attention probabilities")
+    precision: Literal["bf16", "fp32"] = setting("bf16", "parameter and compute dtype")
+    fp8: bool = setting(False, "FP8 matrix multiplications through Transformer Engine")
+    recompute: Literal["none", "selective", "full"] = setting("none", "activation recomputation")
+
+
+@dataclasses.dataclass
+class ParallelSettings:
+    tensor_parallel: int = setting(1, "tensor-parallel size")
+    pipeline_parallel: int = setting(1, "pipeline-parallel size (1F1B schedule)")
+    virtual_pipeline: Optional[int] = setting(None, "model chunks per pipeline stage (interleaved 1F1B)")
+    sequence_parallel: bool = setting(False, "sequence parallelism (needs tensor_parallel > 1)")
+    distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
+
+
+@dataclasses.dataclass
+class OptimizerSettings:
+    lr: float = setting(2e-6, "peak learning rate")
+    min_lr: float = setting(0.0, "learning rate reached at the last update by cosine or linear decay")
+    warmup_steps: int = setting(1430, "update k of the warmup uses lr * k / warmup_steps")
+    lr_decay_style: Literal["constant", "cosine", "linear"] = setting("constant", "after the warmup")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    clip_grad: float = setting(1.0, "gradient clipping by global norm")
+
+
+@dataclasses.dataclass
+class DataSettings:
+    data_path: list[str] = setting([], "dataset PREFIX(es) written by tools/preprocess_chatml.py")
+    data_weights: Optional[list[float]] = setting(None, "blending weights, one per PREFIX (default: by size)")
+    valid_fraction: float = setting(0.01, "fraction of each dataset's conversations held out for validation")
+    rows: Literal["pad", "pack"] = setting("pad", "one conversation per row, or several packed")
+    seq_length: int = setting(2048, "model positions per row")
+    pad_token_id: int = setting(151643, "token id of padding (never supervised)")
+    tokenizer: Optional[str] = setting(None, "the model's tokenizer, checked against the datasets' stats")
+
+
+@dataclasses.dataclass
+class TrainingSettings:
+    train_steps: int = setting(4000, "optimizer updates")
+    global_batch_size: int = setting(128, "rows per update")
+    micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
+    seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
+    eval_interval: int = setting(200, "updates between validation losses (0: never)")
+    log_interval: int = setting(1, "updates between log lines")
+    tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
+
+
+@dataclasses.dataclass
+class CheckpointSettings:
+    pretrained_checkpoint: Optional[str] = setting(None, "converter output to start from (finetune semantics)")
+    save_dir: Optional[str] = setting(None, "where checkpoints go; a run resumes from the latest one there")
+    save_interval: int = setting(500, "updates between checkpoints (and one at the end)")
+    keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    parallel: ParallelSettings = dataclasses.field(default_factory=ParallelSettings)
+    optimizer: OptimizerSettings = dataclasses.field(default_factory=OptimizerSettings)
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    training: TrainingSettings = dataclasses.field(default_factory=TrainingSettings)
+    checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
+
+    def validate(self) -> "RunConfig":
+        """Raises ``ValueError`` naming the flag of the first inconsistent value; returns ``self``."""
+        for problem, flag in _problems(self):
+            if problem:
+                raise ValueError(f"--{flag.replace('_', '-')}: {problem}")
+        return self
+
+    def num_micro_batches(self, world_size: int) -> int:
+        """Gradient-accumulation steps per update on ``world_size`` ranks of the configured layout."""
+        model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {model_parallel}")
+        per_step = (world_size // model_parallel) * self.training.micro_batch_size
+        if self.training.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {self.training.global_batch_size} is not a multiple of data-parallel size "
+                f"{world_size // model_parallel} x --micro-batch-size {self.training.micro_batch_size}"
+            )
+        return self.training.global_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+POSITIVE = (
+    "tensor_parallel", "pipeline_parallel", "seq_length", "train_steps", "global_batch_size",
+    "micro_batch_size", "log_interval", "save_interval", "keep_last",
+)
+
+
+def _problems(config: RunConfig):
+    """(problem or a false value, field name) pairs; lazily, so later checks may rely on earlier ones."""
+    model, parallel, data, training = config.model, config.parallel, config.data, config.training
+    for section, field, _ in _fields():
+        value = getattr(getattr(config, section), field.name)
+        yield field.name in POSITIVE and value < 1 and f"must be at least 1, got {value}", field.name
+    checkpoint = config.checkpoint
+    yield model.preset is not None and model.preset not in PRESETS and f"unknown preset {model.preset!r}", "preset"
+    yield model.preset is None and checkpoint.pretrained_checkpoint is None and checkpoint.save_dir is None and (
+        "no preset and no checkpoint to read the model from"
+    ), "preset"
+    yield not 0.0 <= model.dropout < 1.0 and f"must be in [0, 1), got {model.dropout}", "dropout"
+    yield parallel.sequence_parallel and parallel.tensor_parallel < 2 and (
+        "needs --tensor-parallel above 1"
+    ), "sequence_parallel"
+    yield parallel.virtual_pipeline is not None and parallel.pipeline_parallel < 2 and (
+        "needs --pipeline-parallel above 1"
+    ), "virtual_pipeline"
+    yield config.optimizer.min_lr > config.optimizer.lr and f"above --lr {config.optimizer.lr}", "min_lr"
+    yield not 0.0 <= data.valid_fraction < 1.0 and f"must be in [0, 1), got {data.valid_fraction}", "valid_fraction"
+    yield not data.data_path and "no dataset given", "data_path"
+    yield data.data_weights is not None and len(data.data_weights) != len(data.data_path) and (
+        f"{len(data.data_weights)} weight(s) for {len(data.data_path)} dataset(s)"
+    ), "data_weights"
+    yield training.global_batch_size % training.micro_batch_size and (
+        f"{training.global_batch_size} is not a multiple of --micro-batch-size {training.micro_batch_size}"
+    ), "global_batch_size"
+    yield not 0 <= config.optimizer.warmup_steps < training.train_steps and (
+        f"must be in [0, --train-steps={training.train_steps})"
+    ), "warmup_steps"
+
+
+# ---- flags and recipe files, generated from the fields ----
+
+
+def _sections(config_class=RunConfig):
+    hints = typing.get_type_hints(config_class)
+    return [(field.name, hints[field.name]) for field in dataclasses.fields(config_class)]
+
+
+def _fields():
+    """(section name, field, resolved type) of every setting; field names are flags, so they must be unique."""
+    found, seen = [], set()
+    for section, section_class in _sections():
+        hints = typing.get_type_hints(section_class)
+        for field in dataclasses.fields(section_class):
+            assert field.name not in seen, f"setting {field.name} appears in two sections"
+            seen.add(field.name)
+            found.append((section, field, hints[field.name]))
+    return found
+
+
+def _unwrap_optional(kind):
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(arg for arg in args if arg is not type(None)), True
+    return kind, False
+
+
+def _convert(kind, value, where: str):
+    """``value`` (a command-line string, or a JSON value) as ``kind``; ``ValueError`` naming ``where``."""
+    inner, optional = _unwrap_optional(kind)
+    if optional and value == ["none"] and typing.get_origin(inner) is list:
+        value = None  # a list flag given as `--flag none`
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise ValueError(f"{where}: may not be none")
+    origin = typing.get_origin(inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_convert(typing.get_args(inner)[0], item, where) for item in value]
+    if origin is Literal:
+        if value not in typing.get_args(inner):
+            raise ValueError(f"{where}: expected one of {typing.get_args(inner)}, got {value!r}")
+        return value
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    try:
+        if inner in (int, float) and isinstance(value, bool):
+            raise TypeError
+        converted = inner(value)
+        if inner is int and isinstance(value, float) and converted != value:
+            raise TypeError
+        return converted
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {inner.__name__}, got {value!r}") from None
+
+
+COMMAND_LINE = "command line"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Supervised finetuning of a Qwen model on megatron-core.", argument_default=argparse.SUPPRESS
+    )
+    parser.add_argument("--recipe", help="JSON file of settings (field name -> value), applied before the flags")
+    for section, field, kind in _fields():
+        inner, _ = _unwrap_optional(kind)
+        options = {"dest": field.name, "help": f"[{section}] {field.metadata['help']} (default: {_default(field)})"}
+        if inner is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is list:
+            options["nargs"] = "+"
+        elif typing.get_origin(inner) is Literal:
+            options["choices"] = typing.get_args(inner)
+        parser.add_argument(_flag(field.name), **options)
+    return parser
+
+
+def _default(field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def apply_settings(config: RunConfig, settings: dict, source: str) -> RunConfig:
+    """``config`` with ``settings`` (field name -> value) applied; unknown names and bad values name ``source``
+    and the setting (as its flag when ``source`` is the command line)."""
+    known = {field.name: (section, kind) for section, field, kind in _fields()}
+    for name, value in settings.items():
+        if name not in known:
+            raise ValueError(f"{source}: unknown setting {name!r}")
+        section, kind = known[name]
+        where = _flag(name) if source == COMMAND_LINE else f"{source}: {name}"
+        setattr(getattr(config, section), name, _convert(kind, value, where))
+    return config
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"recipe {path}: unreadable ({error})") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"recipe {path}: expected a JSON object of settings")
+    return settings
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Defaults, then the recipe file, then the command line; validated."""
+    given = vars(build_parser().parse_args(argv))
+    config = RunConfig()
+    recipe = given.pop("recipe", None)
+    if recipe is not None:
+        apply_settings(config, load_recipe(recipe), f"recipe {recipe}")
+    apply_settings(config, given, COMMAND_LINE)
+    return config.validate()

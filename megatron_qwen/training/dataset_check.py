@@ -1,0 +1,96 @@
+"""The pre-training check of each dataset against the run: ``PREFIX_stats.json`` provenance and the token ids.
+
+A dataset tokenized with another tokenizer, holding ids the embedding has no row for, or built for longer
+rows than the run uses would train silently on garbage; each case stops here with a message naming the file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_qwen.training.conversations import ConversationDataset, stats_path
+
+# Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: the tokenizer's
+# provenance under "tokenizer" (ChatTokenizer.provenance()) and the row length the dataset was cut for.
+TOKENIZER_SHA256_KEY = ("tokenizer", "sha256")
+SEQ_LENGTH_KEY = ("seq_length",)
+
+
+class DatasetMismatchError(ValueError):
+    """A dataset does not fit the run it was given to."""
+
+
+def read_stats(prefix: str) -> dict:
+    """The parsed ``PREFIX_stats.json``; a missing or unreadable file is named."""
+    path = Path(stats_path(prefix))
+    if not path.is_file():
+        raise DatasetMismatchError(f"{path}: missing; every dataset PREFIX needs the stats file the data tool writes")
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetMismatchError(f"{path}: unreadable ({error})") from error
+    return stats
+
+
+def stats_value(stats: dict, key: tuple[str, ...], path: str):
+    value = stats
+    for part in key:
+        if not isinstance(value, dict) or part not in value:
+            raise DatasetMismatchError(
+                f"{path}: has no {'.'.join(key)!r}; rebuild the dataset with tools/preprocess_chatml.py"
+            )
+        value = value[part]
+    return value
+
+
+def check_dataset(
+    dataset: ConversationDataset,
+    tokenizer_sha256: str | None,
+    embedding_rows: int,
+    seq_length: int,
+) -> str:
+    """Raises ``DatasetMismatchError`` naming the stats or data file when ``dataset`` does not fit the run.
+
+    ``tokenizer_sha256`` is the run's tokenizer (``None`` checks only that it is recorded); ``embedding_rows``
+    the model's vocabulary rows; ``seq_length`` the run's row length. Returns the recorded tokenizer sha256.
+    """
+    path = stats_path(dataset.prefix)
+    stats = read_stats(dataset.prefix)
+    recorded_sha = stats_value(stats, TOKENIZER_SHA256_KEY, path)
+    stats_seq_length = stats_value(stats, SEQ_LENGTH_KEY, path)
+    if tokenizer_sha256 is not None and recorded_sha != tokenizer_sha256:
+        raise DatasetMismatchError(
+            f"{path}: tokenized with a different tokenizer (sha256 {recorded_sha}) than the run's "
+            f"(sha256 {tokenizer_sha256}); re-run tools/preprocess_chatml.py with the model's tokenizer"
+        )
+    if stats_seq_length > seq_length:
+        raise DatasetMismatchError(
+            f"{path}: built for seq_length {stats_seq_length}, above the run's {seq_length}; "
+            f"conversations may not fit a row (rebuild with --seq-length {seq_length} or raise the run's)"
+        )
+    max_id = dataset.max_token_id()
+    if max_id >= embedding_rows:
+        raise DatasetMismatchError(
+            f"{dataset.prefix}_text_document.bin: token id {max_id} has no row in the model's embedding "
+            f"({embedding_rows} rows); the dataset was tokenized for another model"
+        )
+    return recorded_sha
+
+
+def check_datasets(
+    datasets: list[ConversationDataset],
+    tokenizer_sha256: str | None,
+    embedding_rows: int,
+    seq_length: int,
+) -> None:
+    """Checks every dataset, and that all of them were tokenized alike (also when the run names no tokenizer)."""
+    first = None
+    for dataset in datasets:
+        recorded_sha = check_dataset(dataset, tokenizer_sha256, embedding_rows, seq_length)
+        if first is None:
+            first = (dataset, recorded_sha)
+        elif recorded_sha != first[1]:
+            raise DatasetMismatchError(
+                f"{stats_path(dataset.prefix)}: tokenizer sha256 {recorded_sha} differs from "
+                f"{stats_path(first[0].prefix)} ({first[1]}); blended datasets must share one tokenizer"
+            )

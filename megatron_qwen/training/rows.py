@@ -1,0 +1,177 @@
+"""Filling rows with conversations (pad or pack) and collating rows into a micro-batch of tensors.
+
+A row has ``seq_length`` model positions. Each conversation is shifted on its own (``input = tokens[:-1]``,
+``labels = tokens[1:]``, ``loss_mask = mask[1:]``) before it is placed, so a conversation of ``n`` tokens
+takes ``n - 1`` positions and the first token of a conversation is never the target of the one before it.
+
+- ``pad``: one conversation per row, the rest of the row padding (never supervised). The micro-batch is the
+  usual ``[micro_batch_size, seq_length]`` batch with causal attention; positions run ``0 .. seq_length-1``.
+- ``pack``: greedy packing, in stream order: conversations go into the current row while they fit; the first
+  one that does not fit opens the next row. The micro-batch is one THD sequence ``[1, micro_batch_size *
+  seq_length]``: the rows are concatenated and ``cu_seqlens`` lists every conversation's boundary of every row
+  (and the padding tail of a row as a segment of its own, so segments tile the sequence); positions restart
+  at 0 in every segment. Give the pipeline schedule ``seq_length * micro_batch_size`` and micro-batch size 1
+  (``schedule_shape``), and every pipeline stage the same ``packed_seq_params()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_qwen.training.conversations import ConversationDataset
+
+# A row is the tuple of (dataset index, conversation id) it holds; () is an all-padding row.
+Row = tuple[tuple[int, int], ...]
+MODES = ("pad", "pack")
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch, ready for ``GPTModel(tokens, position_ids, None, labels=labels, packed_seq_params=...)``."""
+
+    tokens: torch.Tensor  # [b, s] int64 model input
+    labels: torch.Tensor  # [b, s] int64
+    loss_mask: torch.Tensor  # [b, s] float32, 1 on supervised positions
+    position_ids: torch.Tensor  # [b, s] int64
+    cu_seqlens: torch.Tensor | None  # [segments + 1] int32, packed only
+    max_seqlen: int | None  # longest segment, packed only
+    num_conversations: int
+    num_tokens: int  # non-padding positions
+
+    @property
+    def num_supervised(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def packed_seq_params(self):
+        """megatron-core's ``PackedSeqParams`` for the THD path, or ``None`` for padded rows."""
+        if self.cu_seqlens is None:
+            return None
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+
+def schedule_shape(mode: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) to give megatron's forward_backward_func for this mode's micro-batches."""
+    return (seq_length * micro_batch_size, 1) if mode == "pack" else (seq_length, micro_batch_size)
+
+
+def check_fits(dataset: ConversationDataset, conversation: int, seq_length: int) -> int:
+    """Positions the conversation takes; a clear error when it cannot fill even a row of its own."""
+    positions = dataset.num_positions(conversation)
+    if positions < 1:
+        raise ValueError(f"dataset {dataset.prefix!r}: conversation {conversation} has fewer than 2 tokens")
+    if positions > seq_length:
+        raise ValueError(
+            f"dataset {dataset.prefix!r}: conversation {conversation} has {positions + 1} tokens, more than a row "
+            f"of {seq_length} positions holds; rebuild the dataset with --seq-length {seq_length}"
+        )
+    return positions
+
+
+def next_row(
+    mode: str,
+    peek: Callable[[], tuple[int, int] | None],
+    take: Callable[[], tuple[int, int]],
+    datasets: Sequence[ConversationDataset],
+    seq_length: int,
+) -> Row:
+    """Takes the next row's conversations from a non-empty stream.
+
+    ``peek`` shows the next conversation (``None`` at the end of a finite stream), ``take`` consumes it.
+    """
+    if mode == "pad":
+        dataset, conversation = take()
+        check_fits(datasets[dataset], conversation, seq_length)
+        return ((dataset, conversation),)
+    row, used = [], 0
+    while (item := peek()) is not None:
+        positions = check_fits(datasets[item[0]], item[1], seq_length)
+        if used + positions > seq_length:
+            break
+        row.append(take())
+        used += positions
+    return tuple(row)
+
+
+def rows_from_list(
+    mode: str, items: Sequence[tuple[int, int]], datasets: Sequence[ConversationDataset], seq_length: int
+) -> list[Row]:
+    """All rows of a finite list of conversations, in order (the validation set)."""
+    cursor = 0
+
+    def peek():
+        return items[cursor] if cursor < len(items) else None
+
+    def take():
+        nonlocal cursor
+        cursor += 1
+        return items[cursor - 1]
+
+    rows = []
+    while cursor < len(items):
+        rows.append(next_row(mode, peek, take, datasets, seq_length))
+    return rows
+
+
+def _segments(row: Row, datasets: Sequence[ConversationDataset]) -> list[tuple[np.ndarray, ...]]:
+    segments = []
+    for dataset, conversation in row:
+        tokens, mask = datasets[dataset].conversation(conversation)
+        segments.append((tokens[:-1], tokens[1:], mask[1:].astype(np.float32)))
+    return segments
+
+
+def _padding(length: int, pad_token_id: int) -> tuple[np.ndarray, ...]:
+    return (
+        np.full(length, pad_token_id, dtype=np.int64),
+        np.full(length, pad_token_id, dtype=np.int64),
+        np.zeros(length, dtype=np.float32),
+    )
+
+
+def collate(
+    mode: str,
+    rows: Sequence[Row],
+    datasets: Sequence[ConversationDataset],
+    seq_length: int,
+    pad_token_id: int,
+) -> MicroBatch:
+    """The micro-batch of ``rows`` (see the module docstring for the two layouts)."""
+    tokens, labels, loss_mask, positions, segment_lengths = [], [], [], [], []
+    num_tokens = 0
+    for row in rows:
+        segments = _segments(row, datasets)
+        used = sum(len(segment[0]) for segment in segments)
+        num_tokens += used
+        if used < seq_length:
+            segments.append(_padding(seq_length - used, pad_token_id))
+        for segment_tokens, segment_labels, segment_mask in segments:
+            tokens.append(segment_tokens)
+            labels.append(segment_labels)
+            loss_mask.append(segment_mask)
+            segment_lengths.append(len(segment_tokens))
+            positions.append(np.arange(len(segment_tokens)))
+    batch_rows = 1 if mode == "pack" else len(rows)
+    as_batch = lambda parts: torch.from_numpy(np.concatenate(parts)).reshape(batch_rows, -1)  # noqa: E731
+    if mode == "pad":
+        positions = [np.arange(seq_length)] * len(rows)
+    packed = mode == "pack"
+    return MicroBatch(
+        tokens=as_batch(tokens),
+        labels=as_batch(labels),
+        loss_mask=as_batch(loss_mask),
+        position_ids=as_batch(positions).to(torch.int64),
+        cu_seqlens=torch.tensor(np.cumsum([0] + segment_lengths), dtype=torch.int32) if packed else None,
+        max_seqlen=int(max(segment_lengths)) if packed else None,
+        num_conversations=sum(len(row) for row in rows),
+        num_tokens=num_tokens,
+    )

@@ -1,0 +1,109 @@
+"""The SFT sample source of a run: datasets, split, sampler and row filling behind one object.
+
+Every rank builds the same global batch plan (row contents are decided from the index lengths alone, which is
+cheap) and reads only the conversations of its own rows: data-parallel rank ``r`` of ``D`` takes the ``r``-th
+contiguous ``global_batch_size / D`` rows, cut into micro-batches of ``micro_batch_size`` rows.
+
+The data position (``state_dict``) is the sampler's per-dataset draw counts after the last global batch plus
+a fingerprint of everything that decides the stream; restoring it in a run with the same data settings
+reproduces the following batches exactly, and restoring it into different settings is refused.
+"""
+from __future__ import annotations
+
+from megatron_qwen.training.conversations import ConversationDataset
+from megatron_qwen.training.dataset_check import check_datasets
+from megatron_qwen.training.rows import MODES, MicroBatch, Row, collate, next_row, rows_from_list
+from megatron_qwen.training.sampling import ConversationSampler, normalized_weights, split_conversations
+
+
+class SFTSamples:
+    def __init__(
+        self,
+        prefixes: list[str],
+        weights: list[float] | None = None,
+        valid_fraction: float = 0.0,
+        mode: str = "pad",
+        seq_length: int = 2048,
+        seed: int = 1234,
+        pad_token_id: int = 151643,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"row mode must be one of {MODES}, got {mode!r}")
+        if not prefixes:
+            raise ValueError("no dataset given (--data-path PREFIX [PREFIX ...])")
+        self.mode = mode
+        self.seq_length = seq_length
+        self.pad_token_id = pad_token_id
+        self.datasets = [ConversationDataset(prefix) for prefix in prefixes]
+        splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in self.datasets]
+        self.train_ids = [train for train, _ in splits]
+        self.valid_items = [
+            (index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid
+        ]
+        self.weights = normalized_weights(weights, [len(train) for train in self.train_ids])
+        self.sampler = ConversationSampler(self.train_ids, self.weights, seed)
+        self.global_batches = 0
+        self.fingerprint = {
+            "prefixes": list(prefixes),
+            "sizes": [len(dataset) for dataset in self.datasets],
+            "weights": [float(weight) for weight in self.weights],
+            "valid_fraction": valid_fraction,
+            "mode": mode,
+            "seq_length": seq_length,
+            "seed": seed,
+        }
+
+    def check(self, tokenizer_sha256: str | None, embedding_rows: int) -> None:
+        """Stops with a message naming the file when a dataset does not fit the run (see dataset_check)."""
+        check_datasets(self.datasets, tokenizer_sha256, embedding_rows, self.seq_length)
+        if self.pad_token_id >= embedding_rows:
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
+            )
+
+    def next_global_batch(self, global_batch_size: int) -> list[Row]:
+        """The rows of the next training step (advances the data position)."""
+        rows = [
+            next_row(self.mode, self.sampler.peek, self.sampler.take, self.datasets, self.seq_length)
+            for _ in range(global_batch_size)
+        ]
+        self.global_batches += 1
+        return rows
+
+    def validation_batches(self, global_batch_size: int) -> list[list[Row]]:
+        """Every validation conversation once, in fixed order; the last batch is filled with all-padding rows,
+        which carry no supervised token and so leave the token-weighted loss unchanged."""
+        rows = rows_from_list(self.mode, self.valid_items, self.datasets, self.seq_length)
+        rows += [()] * (-len(rows) % global_batch_size)
+        return [rows[start : start + global_batch_size] for start in range(0, len(rows), global_batch_size)]
+
+    def micro_batches(self, rows: list[Row], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[MicroBatch]:
+        """This data-parallel rank's micro-batches of a global batch."""
+        if len(rows) % (dp_size * micro_batch_size):
+            raise ValueError(
+                f"global batch of {len(rows)} rows is not a multiple of data-parallel size {dp_size} "
+                f"x micro-batch size {micro_batch_size}"
+            )
+        per_rank = len(rows) // dp_size
+        mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        starts = range(0, per_rank, micro_batch_size)
+        return [self.collate(mine[start : start + micro_batch_size]) for start in starts]
+
+    def collate(self, rows: list[Row]) -> MicroBatch:
+        """One micro-batch of ``rows`` in this run's layout (also for validation batches)."""
+        return collate(self.mode, rows, self.datasets, self.seq_length, self.pad_token_id)
+
+    def epochs(self) -> list[float]:
+        return self.sampler.epochs()
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "global_batches": self.global_batches, **self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["fingerprint"]
+        differing = sorted(key for key in self.fingerprint if saved.get(key) != self.fingerprint[key])
+        if differing:
+            details = "; ".join(f"{key}: saved {saved.get(key)!r}, now {self.fingerprint[key]!r}" for key in differing)
+            raise ValueError(f"cannot resume the data position: the data settings changed ({details})")
+        self.sampler.load_state_dict(state)
+        self.global_batches = int(state["global_batches"])

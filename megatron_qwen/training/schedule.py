@@ -1,0 +1,60 @@
+"""The learning-rate schedule: megatron-core's ``OptimizerParamScheduler`` with the recipe's update numbering.
+
+The recipe: update ``k`` (k = 1, 2, ...) uses ``lr = peak * min(k, W) / W`` during warmup, so the first update
+is not at zero and update ``W`` is the first at the peak; afterwards constant (default), or cosine or linear
+decay reaching ``min_lr`` at the last update ``train_steps``.
+
+megatron-core evaluates its schedule at ``num_steps``, the number of completed updates (0 before the first),
+and the training loop calls ``step(1)`` after each update, so update ``k`` would run at ``num_steps = k - 1``:
+the first update at lr 0 and the peak one update late. ``UpdateNumberedScheduler`` keeps megatron's counter
+and its checkpoint format unchanged (``num_steps`` = completed updates, restored by ``load_state_dict``) and
+only evaluates the schedule one step ahead, at ``num_steps + 1``, the number of the update about to run.
+"""
+from __future__ import annotations
+
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+DECAY_STYLES = ("constant", "cosine", "linear")
+
+
+class UpdateNumberedScheduler(OptimizerParamScheduler):
+    """Sets on the param groups the lr of update ``num_steps + 1``; call ``step(1)`` after every update."""
+
+    def get_lr(self, param_group: dict) -> float:
+        completed = self.num_steps
+        self.num_steps = completed + 1
+        try:
+            return super().get_lr(param_group)
+        finally:
+            self.num_steps = completed
+
+
+def build_scheduler(
+    optimizer,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    train_steps: int,
+    decay_style: str,
+    weight_decay: float,
+) -> UpdateNumberedScheduler:
+    """The schedule of a run of ``train_steps`` updates over ``optimizer``'s param groups."""
+    if decay_style not in DECAY_STYLES:
+        raise ValueError(f"lr decay style must be one of {DECAY_STYLES}, got {decay_style!r}")
+    if not 0 <= warmup_steps < train_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be in [0, train_steps={train_steps})")
+    return UpdateNumberedScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=train_steps,
+        lr_decay_style=decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=train_steps,
+        wd_incr_style="constant",
+        # A resumed run keeps the schedule it started with; a changed recipe value is refused, not mixed in.
+        use_checkpoint_opt_param_scheduler=False,
+    )

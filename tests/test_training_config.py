@@ -1,0 +1,111 @@
+"""The run configuration: report defaults, generated flags, recipe files, precedence and validation."""
+import dataclasses
+import json
+
+import pytest
+
+from megatron_qwen.training.config import RunConfig, build_parser, parse_config
+
+BASE = ["--data-path", "data/chat", "--preset", "tiny"]
+
+
+def test_defaults_are_the_qwen_report_recipe():
+    config = parse_config(BASE)
+    optimizer, training = config.optimizer, config.training
+    assert (optimizer.adam_beta1, optimizer.adam_beta2, optimizer.adam_eps) == (0.9, 0.95, 1e-8)
+    schedule = (optimizer.lr, optimizer.warmup_steps, optimizer.lr_decay_style, optimizer.min_lr)
+    assert schedule == (2e-6, 1430, "constant", 0.0)
+    assert (optimizer.weight_decay, optimizer.clip_grad) == (0.1, 1.0)
+    assert (training.train_steps, training.global_batch_size, config.data.seq_length) == (4000, 128, 2048)
+    assert (config.model.dropout, config.model.precision, config.model.fp8) == (0.1, "bf16", False)
+
+
+def test_every_field_has_a_flag_and_each_flag_sets_its_field():
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    for section in dataclasses.fields(RunConfig):
+        for field in dataclasses.fields(getattr(RunConfig(), section.name)):
+            assert "--" + field.name.replace("_", "-") in flags
+    config = parse_config(
+        BASE
+        + ["--data-path", "a", "b", "--data-weights", "0.3", "0.7", "--tensor-parallel", "2", "--sequence-parallel"]
+        + ["--no-distributed-optimizer", "--rows", "pack", "--lr", "1e-5", "--recompute", "selective"]
+        + ["--virtual-pipeline", "none", "--pretrained-checkpoint", "ckpt/"]
+    )
+    assert config.data.data_path == ["a", "b"] and config.data.data_weights == [0.3, 0.7]
+    assert config.parallel.tensor_parallel == 2 and config.parallel.sequence_parallel is True
+    assert config.parallel.distributed_optimizer is False and config.parallel.virtual_pipeline is None
+    assert (config.data.rows, config.optimizer.lr, config.model.recompute) == ("pack", 1e-5, "selective")
+    assert config.checkpoint.pretrained_checkpoint == "ckpt/"
+
+
+def test_recipe_file_then_command_line(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    settings = {"lr": 1e-5, "train_steps": 50, "warmup_steps": 5, "data_path": ["r/chat"], "preset": "tiny"}
+    recipe.write_text(json.dumps(settings))
+    config = parse_config(["--recipe", str(recipe), "--train-steps", "60"])
+    assert (config.optimizer.lr, config.training.train_steps, config.optimizer.warmup_steps) == (1e-5, 60, 5)
+    assert config.data.data_path == ["r/chat"]
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"learning_rate": 1.0}, r"recipe .*recipe.json: unknown setting 'learning_rate'"),
+        ({"train_steps": "many"}, r"recipe .*recipe.json: train_steps: expected int, got 'many'"),
+        ({"train_steps": 2.5}, r"recipe .*recipe.json: train_steps: expected int, got 2.5"),
+        ({"rows": "stack"}, r"recipe .*recipe.json: rows: expected one of \('pad', 'pack'\), got 'stack'"),
+        ({"data_path": "one"}, r"recipe .*recipe.json: data_path: expected a list"),
+        ({"sequence_parallel": "yes"}, r"recipe .*recipe.json: sequence_parallel: expected true or false"),
+    ],
+)
+def test_bad_recipe_values_name_the_file_and_setting(tmp_path, settings, message):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=message):
+        parse_config(BASE + ["--recipe", str(recipe)])
+
+
+def test_unreadable_recipe_is_named(tmp_path):
+    recipe = tmp_path / "broken.json"
+    recipe.write_text("{not json")
+    with pytest.raises(ValueError, match=r"recipe .*broken.json: unreadable"):
+        parse_config(["--recipe", str(recipe)])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--lr", "fast"], "--lr: expected float, got 'fast'"),
+        (["--micro-batch-size", "0"], "--micro-batch-size: must be at least 1, got 0"),
+        (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size: 10 is not a multiple"),
+        (["--sequence-parallel"], "--sequence-parallel: needs --tensor-parallel above 1"),
+        (["--virtual-pipeline", "2"], "--virtual-pipeline: needs --pipeline-parallel above 1"),
+        (["--preset", "qwen-15b"], "--preset: unknown preset 'qwen-15b'"),
+        (["--data-weights", "1", "2"], r"--data-weights: 2 weight\(s\) for 1 dataset\(s\)"),
+        (["--warmup-steps", "4000"], r"--warmup-steps: must be in \[0, --train-steps=4000\)"),
+        (["--dropout", "1.0"], r"--dropout: must be in \[0, 1\)"),
+        (["--min-lr", "1e-5"], r"--min-lr: above --lr 2e-06"),
+        (["--valid-fraction", "1"], r"--valid-fraction: must be in \[0, 1\)"),
+    ],
+)
+def test_inconsistent_flags_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(BASE + flags)
+
+
+def test_missing_model_source_and_data_are_refused():
+    with pytest.raises(ValueError, match="--preset: no preset and no checkpoint"):
+        parse_config(["--data-path", "x"])
+    assert parse_config(["--data-path", "x", "--pretrained-checkpoint", "c"]).model.preset is None
+    with pytest.raises(ValueError, match="--data-path: no dataset given"):
+        parse_config(["--preset", "tiny"])
+
+
+def test_micro_batches_per_update():
+    config = parse_config(BASE + ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--micro-batch-size", "2"])
+    assert config.num_micro_batches(world_size=8) == 32  # DP 2: 128 / (2 * 2)
+    with pytest.raises(ValueError, match="world size 6 is not a multiple of TP x PP = 4"):
+        config.num_micro_batches(world_size=6)
+    config.training.global_batch_size = 12
+    with pytest.raises(ValueError, match="--global-batch-size 12 is not a multiple of data-parallel size 4"):
+        config.num_micro_batches(world_size=16)

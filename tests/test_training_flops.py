@@ -1,0 +1,37 @@
+"""Model FLOPs per step against a hand count, and Megatron's closed form for a real preset; MFU."""
+import dataclasses
+
+import pytest
+
+from megatron_qwen.models.presets import PRESETS
+from megatron_qwen.training.flops import H100_SXM_BF16_DENSE_PEAK, forward_flops_per_token, mfu, step_flops
+
+
+def test_step_flops_match_a_hand_count_of_every_matrix_multiplication():
+    # h=8, 2 layers, 2 query heads of size 4 sharing 1 key/value group, SwiGLU width 12, 20 rows, rows of 10.
+    tiny = dataclasses.replace(
+        PRESETS["tiny"], hidden_size=8, num_layers=2, num_attention_heads=2, num_query_groups=1,
+        ffn_hidden_size=12, vocab_size=20,
+    )
+    qkv = 2 * 8 * (2 * 4 + 2 * 1 * 4)  # [8 x 16] weight: 256
+    output_projection = 2 * 8 * 8  # 128
+    scores_and_values = 2 * (2 * 10 * 4 * 2)  # Q.K over 10 positions and P.V, 2 heads: 320
+    swiglu = 2 * 8 * 24 + 2 * 12 * 8  # gate+up [8 x 24], down [12 x 8]: 576
+    logits = 2 * 8 * 20  # 320
+    per_token = 2 * (qkv + output_projection + scores_and_values + swiglu) + logits
+    assert per_token == 2880
+    assert forward_flops_per_token(tiny, seq_length=10) == 2880
+    assert step_flops(tiny, seq_length=10, num_tokens=7) == 3 * 7 * 2880
+
+
+def test_qwen_14b_matches_megatrons_closed_form():
+    model, seq, tokens = PRESETS["qwen-14b"], 2048, 128 * 2048
+    h, n, g, f, layers, vocab = 5120, 40, 40, 13696, 40, 152064
+    megatron = 12 * tokens * layers * h * h * ((1 + g / n + seq / h) + (f / h) * 1.5) + 6 * tokens * h * vocab
+    assert step_flops(model, seq, tokens) == pytest.approx(megatron, rel=1e-12)
+
+
+def test_mfu_against_the_h100_peak():
+    assert H100_SXM_BF16_DENSE_PEAK == 989e12
+    assert mfu(flops=8 * 989e12, seconds=2.0, num_gpus=8) == pytest.approx(0.5)
+    assert mfu(flops=3e12, seconds=1.0, num_gpus=1, peak_flops_per_gpu=6e12) == pytest.approx(0.5)
