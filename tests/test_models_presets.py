@@ -36,6 +36,14 @@ def test_published_config_reads_as_the_preset(tmp_path, hf_config, preset):
         assert getattr(read, field) == getattr(PRESETS[preset], field), field
 
 
+def test_transformers5_rope_parameters_give_the_rope_base(tmp_path):
+    # transformers 5 saves the base only as rope_parameters.rope_theta.
+    saved = {key: value for key, value in QWEN25_7B_CONFIG.items() if key != "rope_theta"}
+    saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert from_hf_config(tmp_path).rope_base == 1e6
+
+
 def test_qwen_rows_are_kept_at_every_power_of_two_tp():
     for cfg in PRESETS.values():
         for tp in (1, 2, 4, 8, 16, 32, 64, 128):

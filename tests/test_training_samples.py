@@ -30,8 +30,7 @@ def write_dataset(prefix, conversations, seq_length=SEQ, sha=SHA):
     text.finalize(f"{prefix}_text_document.idx")
     masks.finalize(f"{prefix}_loss_mask_document.idx")
     stats = {
-        "tokenizer": {"kind": "qwen", "sha256": sha, "vocab_size": 151643},
-        "seq_length": seq_length,
+        "provenance": {"tokenizer": {"kind": "qwen", "sha256": sha, "vocab_size": 151643}, "seq_length": seq_length},
         "conversations_written": len(conversations),
     }
     with open(f"{prefix}_stats.json", "w") as f:
@@ -263,8 +262,8 @@ def test_dataset_checks_name_the_file(tmp_path):
     other = write_dataset(tmp_path / "other", random_conversations(5, seed=0), sha="ef" * 32)
     with pytest.raises(DatasetMismatchError, match=rf"{other}_stats.json: tokenizer sha256 {'ef' * 32} differs"):
         SFTSamples([ok, other], seq_length=SEQ, pad_token_id=0).check(None, embedding_rows=2000)
-    (tmp_path / "ok_stats.json").write_text(json.dumps({"seq_length": SEQ}))
-    with pytest.raises(DatasetMismatchError, match=rf"{ok}_stats.json: has no 'tokenizer.sha256'"):
+    (tmp_path / "ok_stats.json").write_text(json.dumps({"provenance": {"seq_length": SEQ}}))
+    with pytest.raises(DatasetMismatchError, match=rf"{ok}_stats.json: has no 'provenance.tokenizer.sha256'"):
         SFTSamples([ok], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows=2000)
     (tmp_path / "ok_stats.json").write_text("{")
     with pytest.raises(DatasetMismatchError, match=rf"{ok}_stats.json: unreadable"):

@@ -68,6 +68,13 @@ PRESETS: dict[str, QwenConfig] = {
 }
 
 
+def _qwen2_rope_base(hf: dict) -> float:
+    # transformers 5 writes the base only inside "rope_parameters"; older releases write "rope_theta".
+    if "rope_theta" in hf:
+        return float(hf["rope_theta"])
+    return float(hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
+
+
 def from_hf_config(path: str | Path) -> QwenConfig:
     """Reads a first-generation (``QWenLMHeadModel``) or Qwen2 (``Qwen2ForCausalLM``) ``config.json``."""
     path = Path(path)
@@ -99,7 +106,7 @@ def from_hf_config(path: str | Path) -> QwenConfig:
             num_query_groups=hf["num_key_value_heads"],
             ffn_hidden_size=hf["intermediate_size"],
             vocab_size=hf["vocab_size"],
-            rope_base=float(hf.get("rope_theta", 10000.0)),
+            rope_base=_qwen2_rope_base(hf),
             norm_epsilon=hf["rms_norm_eps"],
             tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from megatron_qwen.training.conversations import ConversationDataset, stats_path
 
-# Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: the tokenizer's
-# provenance under "tokenizer" (ChatTokenizer.provenance()) and the row length the dataset was cut for.
-TOKENIZER_SHA256_KEY = ("tokenizer", "sha256")
-SEQ_LENGTH_KEY = ("seq_length",)
+# Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
+# "provenance", the tokenizer's provenance (ChatTokenizer.provenance()) and the row length the dataset was cut for.
+TOKENIZER_SHA256_KEY = ("provenance", "tokenizer", "sha256")
+SEQ_LENGTH_KEY = ("provenance", "seq_length")
 
 
 class DatasetMismatchError(ValueError):

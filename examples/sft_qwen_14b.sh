@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Supervised finetuning of Qwen-14B with the Qwen technical report's recipe (section 3.1.2), on 8 H100 80GB.
+# The same file runs three ways:
+#   bash examples/sft_qwen_14b.sh [flags]     one node, torchrun with 8 processes (GPUS_PER_NODE to change)
+#   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
+#                                             rank, world size and rendezvous come from SLURM's variables
+#   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
+# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json), e.g. --train-steps 100 --rows pack.
+# Inputs (environment): DATA (the PREFIX tools/preprocess_chatml.py wrote), PRETRAINED (the output of
+# tools/convert_checkpoint.py hf-to-mcore), SAVE_DIR (checkpoints; a rerun resumes from the latest one there).
+#
+# Default layout on 8 GPUs: tensor parallel 4 with sequence parallelism, data parallel 2, distributed optimizer.
+# Memory per GPU (14.17B parameters, 3.54B per tensor-parallel rank):
+#   bf16 weights                              2 B x 3.54B                                  =  7.1 GB
+#   fp32 gradient buffer                      4 B x 3.54B                                  = 14.2 GB
+#   Adam: fp32 main weights + 2 moments      12 B x 3.54B / 2 data-parallel ranks          = 21.3 GB
+#   activations, selective recompute + SP     2048 x 5120 x 34 B / 4 per layer x 40 layers =  3.6 GB
+#   logits and loss (vocab split over TP)     2048 x 152064 / 4 x 6 B                      =  0.5 GB
+#   total ~47 GB, plus CUDA context, NCCL and allocator slack: ~55 GB of 80 GB.
+# Tensor parallel 2 (data parallel 4) would need 14.2 + 28.3 + 21.3 + 7.1 + 0.9 = ~72 GB before any slack,
+# too close to 80 GB; see the README for 16 and 32 GPUs.
+#
+# Preemption: SLURM sends SIGUSR1 10 minutes before the time limit; the trainer then finishes its step, saves
+# (weights 28 GB + optimizer 170 GB, a few minutes even on a slow shared file system) and exits, and the
+# requeued job resumes from that checkpoint.
+#SBATCH --job-name=sft-qwen-14b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@600
+#SBATCH --requeue
+#SBATCH --output=sft-qwen-14b-%j.out
+set -euo pipefail
+
+REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+# under sbatch, SLURM runs a copy of this file from its spool directory: SLURM_SUBMIT_DIR is the repository
+if [[ ! -f "$REPO/megatron_qwen/train.py" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then REPO="$SLURM_SUBMIT_DIR"; fi
+cd "$REPO"
+
+DATA="${DATA:-data/sft_chatml}"
+PRETRAINED="${PRETRAINED:-checkpoints/qwen-14b-mcore}"
+SAVE_DIR="${SAVE_DIR:-checkpoints/qwen-14b-sft}"
+PYTHON="${PYTHON:-python}"
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron's overlap of TP communication with compute expects it
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+TRAIN=("$PYTHON" -m megatron_qwen.train
+  --recipe examples/recipes/qwen_14b_sft.json
+  --data-path "$DATA"
+  --pretrained-checkpoint "$PRETRAINED"
+  --save-dir "$SAVE_DIR"
+  "$@")
+
+# SLURM_STEP_ID is unset or 4294967294 (SLURM's id of the batch step) in the batch script, a step number in srun
+if [[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "4294967294" && "${SLURM_STEP_ID}" != "batch" ]]; then
+  # one task of an srun step: the trainer reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST
+  export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+  exec "${TRAIN[@]}"
+elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+  # the batch script: one task per GPU on every node, each running this file again
+  exec srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@"
+else
+  exec torchrun --standalone --nproc-per-node "${GPUS_PER_NODE:-8}" "${TRAIN[@]:1}"
+fi

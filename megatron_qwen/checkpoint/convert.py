@@ -1,0 +1,164 @@
+"""Hugging Face Qwen checkpoints <-> iteration directories of the megatron-core checkpoint layout.
+
+Both directions go through the tensor-parallel-1, pipeline-parallel-1 ``GPTModel`` built (without
+random initialization) in the checkpoint's dtype, so the saved checkpoint has exactly the keys and
+sharding the model itself declares, and any TP/PP layout loads it. Tensors stream one mapping
+entry at a time: host memory is about the model once, plus one entry on import, plus one output
+shard on export.
+
+Embedding rows: the megatron model may pad them (``models.build.padded_vocab_size``); import fills
+the padding with zeros, export drops it, so padding never reaches a Hugging Face checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, layout
+from megatron_qwen.checkpoint.hf_io import HFCheckpointReader, SafetensorsShardWriter
+from megatron_qwen.checkpoint.mapping import EMBEDDING, OUTPUT_LAYER, from_megatron, ignorable, to_megatron
+from megatron_qwen.data.tokenizer import load_tokenizer
+from megatron_qwen.models.build import build_model
+from megatron_qwen.models.presets import QwenConfig, from_hf_config
+from megatron_qwen.platform import distributed
+
+LAYOUTS = {hf_qwen1.FORMAT: hf_qwen1, hf_qwen2.FORMAT: hf_qwen2}
+_PADDED = (EMBEDDING, OUTPUT_LAYER)
+
+
+def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Converts a Hugging Face checkpoint (either generation) into iteration 0 of ``mcore_dir``."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json (expected a Hugging Face model directory)")
+    if layout.list_iterations(mcore_dir) or (Path(mcore_dir) / layout.LATEST).exists():
+        raise FileExistsError(f"--mcore-dir {mcore_dir} already holds a checkpoint; choose a new directory")
+    cfg = from_hf_config(config_path)
+    reader = HFCheckpointReader(hf_dir)
+    entries = list(LAYOUTS[cfg.generation].entries(cfg))
+    _check_names(reader, cfg, entries)
+    tokenizer = load_tokenizer(str(tokenizer_dir or hf_dir))
+    with _single_process():
+        model = empty_model(cfg, reader.dtype(), cpu=True)
+        _fill(model.state_dict(), to_megatron(entries, reader.read), cfg.vocab_size)
+        return layout.save_iteration(
+            mcore_dir, 0, model.sharded_state_dict(), model_config=cfg, tokenizer=tokenizer
+        )
+
+
+def mcore_to_hf(
+    mcore_dir: str | Path,
+    hf_dir: str | Path,
+    hf_format: str = hf_qwen2.FORMAT,
+    iteration: int | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+) -> Path:
+    """Writes one iteration of ``mcore_dir`` as a Hugging Face model directory in ``hf_format``,
+    first under ``HF_DIR.partial``, renamed when complete."""
+    if hf_format not in LAYOUTS:
+        raise ValueError(f"--format must be one of {sorted(LAYOUTS)}, not {hf_format!r}")
+    hf_dir = Path(hf_dir)
+    if hf_dir.exists() and any(hf_dir.iterdir()):
+        raise FileExistsError(f"--hf-dir {hf_dir} exists and is not empty; choose a new directory")
+    iteration_dir = layout.resolve_iteration(mcore_dir, iteration)
+    cfg = layout.load_config(iteration_dir)
+    manifest = layout.tokenizer_manifest(iteration_dir)
+    entries = list(LAYOUTS[hf_format].entries(cfg))  # fails early for a model the format cannot hold
+    staging = hf_dir.with_name(hf_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    dtype = _export_weights(iteration_dir, cfg, entries, SafetensorsShardWriter(staging, max_shard_bytes))
+    (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
+    for name in manifest["files"]:
+        shutil.copyfile(layout.tokenizer_dir(iteration_dir) / name, staging / name)
+    hf_chat.write_chat_files(staging, manifest["kind"])
+    if hf_dir.exists():
+        hf_dir.rmdir()
+    staging.rename(hf_dir)
+    return hf_dir
+
+
+def _export_weights(iteration_dir: Path, cfg: QwenConfig, entries, writer: SafetensorsShardWriter) -> torch.dtype:
+    """Loads the iteration into the TP1/PP1 model and streams its tensors out; returns their dtype."""
+    with _single_process():
+        dtype = layout.checkpoint_dtype(iteration_dir)
+        model = empty_model(cfg, dtype, cpu=True)
+        layout.load_model(model, iteration_dir)
+        params = model.state_dict()
+        for name, tensor in from_megatron(entries, lambda megatron_name: _unpadded(params, megatron_name, cfg)):
+            writer.add(name, tensor)
+        writer.finish()
+    return dtype
+
+
+class _single_process:
+    """torch.distributed and megatron's groups for one process (TP1/PP1), unless already set up."""
+
+    def __enter__(self):
+        self._owned = not torch.distributed.is_initialized()
+        if self._owned:
+            distributed.initialize(tensor_parallel=1, pipeline_parallel=1)
+        elif torch.distributed.get_world_size() > 1:
+            raise RuntimeError("the converter runs as a single process; do not start it under torchrun")
+        return self
+
+    def __exit__(self, *exc):
+        if self._owned:
+            distributed.destroy()
+
+
+def empty_model(cfg: QwenConfig, dtype: torch.dtype, cpu: bool | None = None, layer_impl: str = "local"):
+    """This rank's part of the model at the current parallel layout, in ``dtype``, with weights left
+    uninitialized (a checkpoint overwrites them all). ``cpu=None``: on the GPU when there is one."""
+    return build_model(
+        cfg,
+        layer_impl=layer_impl,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        perform_initialization=False,
+        cpu=cpu,
+    )
+
+
+def _fill(params: dict[str, torch.Tensor], tensors, vocab_size: int) -> None:
+    """Copies each (megatron name, tensor) into the model; embedding padding rows become zero."""
+    missing = {name for name, value in params.items() if isinstance(value, torch.Tensor)}
+    for name, tensor in tensors:
+        if name not in params:
+            raise KeyError(f"the megatron model has no parameter {name!r}")
+        target = params[name]
+        if name in _PADDED:
+            target[vocab_size:].zero_()
+            target = target[:vocab_size]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} does not match the "
+                             f"configuration's {tuple(target.shape)}")
+        target.copy_(tensor)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"the mapping left megatron parameters unset: {sorted(missing)}")
+
+
+def _check_names(reader: HFCheckpointReader, cfg: QwenConfig, entries) -> None:
+    """Fails before any work when the checkpoint lacks a tensor of its layout or has a foreign one."""
+    needed = {name for entry in entries for name in entry.hf}
+    present = set(reader.names())
+    for problem, names in (
+        (f"tensors the {cfg.generation} layout needs but the checkpoint lacks", needed - present),
+        (f"tensors the {cfg.generation} layout does not know",
+         {n for n in present - needed if not ignorable(cfg.tied_embeddings, n)}),
+    ):
+        if names:
+            shown = sorted(names)[:8]
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            raise ValueError(f"{reader.dir}: {problem}: {shown}{more}")
+
+
+def _unpadded(params: dict[str, torch.Tensor], name: str, cfg: QwenConfig) -> torch.Tensor:
+    tensor = params[name]
+    return tensor[: cfg.vocab_size] if name in _PADDED else tensor

@@ -1,0 +1,91 @@
+"""The Qwen2 / Qwen2.5 Hugging Face layout (``Qwen2ForCausalLM``): tensor names and ``config.json``.
+
+Separate ``q_proj``/``k_proj``/``v_proj`` (with bias; grouped-query attention) are interleaved per
+query group into megatron's ``linear_qkv``; ``gate_proj`` and ``up_proj`` become ``linear_fc1``,
+gate first. Tied checkpoints have no ``lm_head.weight`` (some publish it anyway; it is then ignored).
+``transformers`` represents first-generation Qwen with this layout too (one key/value head per
+query head), so ``mcore-to-hf --format qwen2`` works for either generation.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from megatron_qwen.checkpoint import fused
+from megatron_qwen.checkpoint.mapping import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    Entry,
+    MegatronLayer,
+    rename,
+)
+from megatron_qwen.models.presets import QwenConfig
+
+FORMAT = "qwen2"
+BOS_ID = 151643  # <|endoftext|>
+CHAT_EOS_ID = 151645  # <|im_end|>
+
+
+def entries(cfg: QwenConfig) -> Iterator[Entry]:
+    """The mapping table for ``cfg``, in checkpoint order."""
+    yield rename(EMBEDDING, "model.embed_tokens.weight")
+    for index in range(cfg.num_layers):
+        yield from _layer_entries(cfg, index)
+    yield rename(FINAL_NORM, "model.norm.weight")
+    if not cfg.tied_embeddings:
+        yield rename(OUTPUT_LAYER, "lm_head.weight")
+
+
+def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
+    hf = f"model.layers.{index}."
+    layer = MegatronLayer(index)
+    yield rename(layer.input_norm, hf + "input_layernorm.weight")
+    for megatron, part in ((layer.qkv_weight, "weight"), (layer.qkv_bias, "bias")):
+        yield Entry(
+            megatron,
+            tuple(f"{hf}self_attn.{p}_proj.{part}" for p in "qkv"),
+            fuse=lambda qkv: fused.interleave_qkv(cfg, *qkv),
+            split=lambda tensor: fused.split_qkv(cfg, tensor),
+        )
+    yield rename(layer.attention_out, hf + "self_attn.o_proj.weight")
+    yield rename(layer.mlp_norm, hf + "post_attention_layernorm.weight")
+    yield Entry(
+        layer.fc1,
+        (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+        fuse=lambda gate_up: fused.fuse_gate_up(*gate_up),
+        split=fused.split_gate_up,
+    )
+    yield rename(layer.fc2, hf + "mlp.down_proj.weight")
+
+
+
+def hf_config(cfg: QwenConfig, dtype: torch.dtype) -> dict:
+    """``config.json`` for ``Qwen2ForCausalLM``; the RoPE base is written both ways transformers reads it."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "tie_word_embeddings": cfg.tied_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": CHAT_EOS_ID,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }

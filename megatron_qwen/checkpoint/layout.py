@@ -1,0 +1,230 @@
+"""The checkpoint directory shared by the converter and the trainer.
+
+::
+
+    CHECKPOINT_DIR/
+      latest                  the newest complete iteration's number, e.g. "200"
+      iter_0000000/           written by ``convert_checkpoint.py hf-to-mcore``
+      iter_0000200/           written by the trainer
+        metadata.json, common.pt, __*.distcp, .metadata   megatron-core distributed checkpoint
+        model_config.json     the QwenConfig the weights belong to
+        tokenizer/            the tokenizer files, and manifest.json with their sha256
+        ...                   files a caller adds (e.g. the trainer's state)
+
+Every iteration directory is complete on its own. The distributed checkpoint stores each tensor at
+its global shape, whatever tensor/pipeline-parallel layout saved it, so any layout loads it.
+
+Writes are atomic from a reader's point of view: an iteration is written into
+``iter_NNNNNNN.partial``, renamed into place once complete, and only then is ``latest`` replaced
+(by renaming a fully written temporary file). A crash leaves at most a ``.partial`` directory, which
+the next save of that iteration removes. Collective calls (``save_iteration``, ``load_model``) run on
+every rank; file-system changes are made by global rank 0 on a file system all ranks share.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_qwen.checkpoint.mapping import EMBEDDING
+from megatron_qwen.models.presets import QwenConfig
+
+LATEST = "latest"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_MANIFEST = "manifest.json"
+_ITERATION_RE = re.compile(r"iter_(\d{7})")
+
+
+def iteration_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def list_iterations(root: str | Path) -> list[int]:
+    """Numbers of the complete iteration directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (_ITERATION_RE.fullmatch(path.name) for path in root.iterdir() if path.is_dir())
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The iteration the ``latest`` marker names, or None when there is none yet."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def resolve_iteration(root: str | Path, iteration: int | None = None) -> Path:
+    """The directory of ``iteration`` (default: the latest) under ``root``, with clear errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(
+                f"{root} has no '{LATEST}' marker: not a megatron-qwen checkpoint directory "
+                f"(iterations found: {list_iterations(root) or 'none'})"
+            )
+    path = root / iteration_name(iteration)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no complete iteration {iteration} (iterations found: {list_iterations(root) or 'none'})"
+        )
+    return path
+
+
+def load_config(iteration_dir: str | Path) -> QwenConfig:
+    path = Path(iteration_dir) / MODEL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; every iteration directory holds its model configuration")
+    return QwenConfig.from_dict(json.loads(path.read_text()))
+
+
+def tokenizer_dir(iteration_dir: str | Path) -> Path:
+    return Path(iteration_dir) / TOKENIZER_DIR
+
+
+def tokenizer_manifest(iteration_dir: str | Path) -> dict:
+    """The recorded tokenizer (``provenance`` fields plus ``files``: name -> sha256), checked against
+    the files on disk."""
+    folder = tokenizer_dir(iteration_dir)
+    manifest_path = folder / TOKENIZER_MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: missing; every iteration directory holds its tokenizer")
+    manifest = json.loads(manifest_path.read_text())
+    for name, recorded in manifest["files"].items():
+        actual = sha256_file(folder / name)
+        if actual != recorded:
+            raise ValueError(f"{folder / name}: sha256 {actual} differs from {recorded} recorded in {manifest_path}")
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_dtype(iteration_dir: str | Path) -> torch.dtype:
+    """The dtype the model weights were saved in (read from the checkpoint's metadata)."""
+    metadata = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
+    return metadata[EMBEDDING].dtype
+
+
+def save_iteration(
+    root: str | Path,
+    iteration: int,
+    sharded_state_dict: dict,
+    *,
+    model_config: QwenConfig,
+    tokenizer,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Writes iteration ``iteration`` (collective: every rank calls it) and makes it the latest.
+
+    ``sharded_state_dict`` is what ``dist_checkpointing.save`` takes (the model's, and the
+    optimizer's if any); ``tokenizer`` is a loaded ``megatron_qwen.data.tokenizer.ChatTokenizer``
+    whose files are copied; ``extra_files`` maps names inside the iteration directory to contents.
+    With ``keep_last`` only that many newest iterations are kept afterwards.
+    """
+    root = Path(root)
+    final = root / iteration_name(iteration)
+    staging = root / f"{final.name}.partial"
+    if _is_writer():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(staging))
+    if _is_writer():
+        (staging / MODEL_CONFIG).write_text(model_config.to_json() + "\n")
+        _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
+        for name, content in (extra_files or {}).items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+        _replace_dir(staging, final)
+        _write_atomically(root / LATEST, f"{iteration}\n")
+        if keep_last is not None:
+            prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def load_model(model: torch.nn.Module, iteration_dir: str | Path) -> None:
+    """Loads the weights of ``iteration_dir`` into ``model`` (collective; any TP/PP layout).
+
+    ``model`` is an unwrapped ``GPTModel`` (not megatron's DDP wrapper, whose keys carry a prefix).
+    The result of a load also holds the checkpoint's non-tensor entries (a trainer's checkpoint keeps
+    optimizer settings there); only the model's own entries are handed to the model.
+    """
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(iteration_dir))
+    model.load_state_dict({key: state[key] for key in sharded})
+
+
+def prune(root: str | Path, keep_last: int) -> None:
+    """Deletes all but the ``keep_last`` newest iterations; the one ``latest`` names always stays."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, not {keep_last}")
+    root = Path(root)
+    latest = latest_iteration(root)
+    for iteration in list_iterations(root)[:-keep_last]:
+        if iteration != latest:
+            shutil.rmtree(root / iteration_name(iteration))
+
+
+def _write_tokenizer(folder: Path, tokenizer) -> None:
+    folder.mkdir()
+    files = {}
+    for source in tokenizer.files:
+        shutil.copyfile(source, folder / source.name)
+        files[source.name] = sha256_file(folder / source.name)
+    manifest = {**tokenizer.provenance(), "files": files}
+    (folder / TOKENIZER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Renames ``staging`` to ``final``; an existing ``final`` (the same iteration saved again) is
+    moved aside first and deleted only after the new one is in place."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _is_writer() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,101 @@
+"""A Hugging Face <-> megatron-core mapping as a table of entries, and the two walks over it.
+
+Each ``Entry`` ties one parameter of the TP1/PP1 megatron-core model (local-spec names, as in
+``GPTModel.state_dict()``) to the Hugging Face tensors it is made of, with the functions that fuse
+them and split it again. A layout module (``hf_qwen1``, ``hf_qwen2``) only lists its entries;
+``to_megatron`` and ``from_megatron`` stream over any such list one entry at a time, so at most one
+entry's tensors are alive beyond what the caller keeps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+Read = Callable[[str], torch.Tensor]
+
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT_LAYER = "output_layer.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronLayer:
+    """Names of layer ``index``'s parameters in the TP1/PP1 model."""
+
+    index: int
+
+    def _name(self, suffix: str) -> str:
+        return f"decoder.layers.{self.index}.{suffix}"
+
+    @property
+    def input_norm(self) -> str:
+        return self._name("input_layernorm.weight")
+
+    @property
+    def qkv_weight(self) -> str:
+        return self._name("self_attention.linear_qkv.weight")
+
+    @property
+    def qkv_bias(self) -> str:
+        return self._name("self_attention.linear_qkv.bias")
+
+    @property
+    def attention_out(self) -> str:
+        return self._name("self_attention.linear_proj.weight")
+
+    @property
+    def mlp_norm(self) -> str:
+        return self._name("pre_mlp_layernorm.weight")
+
+    @property
+    def fc1(self) -> str:
+        return self._name("mlp.linear_fc1.weight")
+
+    @property
+    def fc2(self) -> str:
+        return self._name("mlp.linear_fc2.weight")
+
+
+def _single(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
+def _as_tuple(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (tensor,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One megatron parameter and the Hugging Face tensors it is made of (a rename when just one)."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    fuse: Callable[[list[torch.Tensor]], torch.Tensor] = _single
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _as_tuple
+
+
+def rename(megatron: str, hf: str) -> Entry:
+    return Entry(megatron, (hf,))
+
+
+def to_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, tensor) for each entry, reading its Hugging Face tensors only when reached."""
+    for entry in entries:
+        yield entry.megatron, entry.fuse([read(name) for name in entry.hf])
+
+
+def from_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for each entry's parts, reading each megatron tensor once."""
+    for entry in entries:
+        parts = entry.split(read(entry.megatron))
+        if len(parts) != len(entry.hf):
+            raise AssertionError(f"{entry.megatron} split into {len(parts)} tensors, expected {len(entry.hf)}")
+        yield from zip(entry.hf, parts)
+
+
+def ignorable(tied_embeddings: bool, name: str) -> bool:
+    """Tensors a published checkpoint of either generation may carry that the model does not need:
+    RoPE's precomputed frequencies, and ``lm_head.weight`` next to tied embeddings."""
+    return (tied_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")

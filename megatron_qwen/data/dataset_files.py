@@ -1,0 +1,113 @@
+"""The files of an SFT dataset named by its PREFIX, and how they appear all at once or not at all.
+
+``PREFIX_text_document.{bin,idx}`` (token ids, int32), ``PREFIX_loss_mask_document.{bin,idx}`` (one
+byte per token), ``PREFIX_stats.json`` (counts and provenance), and with ``--on-error skip``
+``PREFIX_rejects.jsonl``. Everything is written into a hidden staging folder beside PREFIX and then
+renamed into place; ``PREFIX_stats.json`` is removed first and renamed last, and records the size of
+every other file, so a dataset is complete exactly when its stats file exists and the sizes match
+(``read_stats`` checks). A run killed at any moment leaves at most a staging folder, which the next
+run with the same PREFIX removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+TEXT_SUFFIX = "_text_document"
+LOSS_MASK_SUFFIX = "_loss_mask_document"
+STATS_SUFFIX = "_stats.json"
+REJECTS_SUFFIX = "_rejects.jsonl"
+_STAGING_MARK = ".partial-"
+
+
+class DatasetFilesError(RuntimeError):
+    """A dataset that is missing, incomplete, or does not match its stats file."""
+
+
+def text_prefix(prefix: str | Path) -> str:
+    return f"{prefix}{TEXT_SUFFIX}"
+
+
+def loss_mask_prefix(prefix: str | Path) -> str:
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
+
+
+def stats_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}{STATS_SUFFIX}")
+
+
+def rejects_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}{REJECTS_SUFFIX}")
+
+
+def data_files(prefix: str | Path) -> list[Path]:
+    """The indexed-dataset files, in the order they are committed."""
+    return [Path(p + ext) for p in (text_prefix(prefix), loss_mask_prefix(prefix)) for ext in (".bin", ".idx")]
+
+
+def read_stats(prefix: str | Path) -> dict:
+    """The stats of a complete dataset; raises DatasetFilesError if it is missing or incomplete."""
+    path = stats_path(prefix)
+    if not path.is_file():
+        raise DatasetFilesError(f"no dataset at {prefix}: {path} is missing (run tools/preprocess_chatml.py)")
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    for name, size in stats["files"].items():
+        file = path.parent / name
+        if not file.is_file() or file.stat().st_size != size:
+            raise DatasetFilesError(f"dataset {prefix} is incomplete: {file} is missing or not {size} bytes")
+    return stats
+
+
+class StagedDataset:
+    """A staging folder for one PREFIX: write files into ``staged(final_path)``, then ``commit``."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.prefix)
+        self.folder = self.prefix.parent / f".{self.prefix.name}{_STAGING_MARK}{os.getpid()}"
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir()
+
+    def staged(self, final: Path | str) -> Path:
+        return self.folder / Path(final).name
+
+    def commit(self, stats: dict) -> dict:
+        """Move the staged files into place, recording their sizes in the stats file written last;
+        returns the stats as written."""
+        final_stats = stats_path(self.prefix)
+        final_stats.unlink(missing_ok=True)
+        stale_rejects = rejects_path(self.prefix)
+        stale_rejects.unlink(missing_ok=True)
+        committed = [f for f in [*data_files(self.prefix), stale_rejects] if self.staged(f).exists()]
+        stats = {**stats, "files": {f.name: self.staged(f).stat().st_size for f in committed}}
+        for final in committed:
+            os.replace(self.staged(final), final)
+        staged_stats = self.staged(final_stats)
+        staged_stats.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(staged_stats, final_stats)
+        self.discard()
+        return stats
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remove_stale_staging(prefix: Path) -> None:
+    """Remove staging folders of this PREFIX left by runs that were killed (their process is gone)."""
+    for folder in prefix.parent.glob(f".{prefix.name}{_STAGING_MARK}*"):
+        pid = folder.name.rsplit(_STAGING_MARK, 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,59 @@
+"""Supervised finetuning of a Qwen model on megatron-core.
+
+    python -m megatron_qwen.train [--recipe FILE] [--flag value ...]     # one process
+    torchrun --nproc-per-node 8 -m megatron_qwen.train --recipe examples/recipes/qwen_14b_sft.json ...
+    srun python -m megatron_qwen.train ...                               # under SLURM (one task per GPU)
+
+``--help`` lists every setting (training/config.py); a recipe file sets many at once and flags override it.
+Exit status: 0 when the run finished or saved and stopped on SIGTERM/SIGUSR1; 2 for a configuration,
+dataset or checkpoint that cannot be used; 3 when the loss or gradient norm stopped being finite.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from megatron_qwen.data.tokenizer import TokenizerError
+from megatron_qwen.platform import distributed
+from megatron_qwen.training.checkpointing import CheckpointError
+from megatron_qwen.training.config import parse_config
+from megatron_qwen.training.dataset_check import DatasetMismatchError
+from megatron_qwen.training.trainer import Trainer, TrainingDiverged
+
+USAGE_ERRORS = (CheckpointError, DatasetMismatchError, TokenizerError, FileNotFoundError, ValueError)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ValueError as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        stopped = trainer.train()
+        if stopped != "done":
+            trainer.reporter.print(
+                f"stopped by {stopped} at iteration {trainer.iteration} after saving; run the same command to resume"
+            )
+        return 0
+    except USAGE_ERRORS as error:
+        print(f"train: error (rank {_rank()}): {error}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingDiverged as error:
+        print(f"train: diverged (rank {_rank()}): {error}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy()
+
+
+if __name__ == "__main__":  # the guard matters: dist-checkpointing's writer re-imports the main module
+    sys.exit(main())

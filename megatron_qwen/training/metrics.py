@@ -1,0 +1,107 @@
+"""What the trainer reports: one log line per interval, TensorBoard scalars and a JSON-lines record per update.
+
+Throughput is per GPU (per process): tokens are the non-padding positions of the global batch, supervised
+tokens those with a loss. Model FLOPs come from ``training/flops.py`` (the one formula shared with the
+benchmark); MFU is against the H100 SXM dense bf16 peak. Peak memory is the GPU's allocator peak, or on the
+CPU the process's peak resident set. Only global rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+from megatron_qwen.training import flops
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Reporter:
+    def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool):
+        self.model = model
+        self.seq_length = seq_length
+        self.world_size = world_size
+        self.log_interval = log_interval
+        self.writes = writes
+        self.records = None
+        self.tensorboard = None
+        if writes and output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            self.records = open(Path(output_dir) / "metrics.jsonl", "a")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(output_dir)
+        self._interval = []
+
+    def step(self, iteration: int, result, seconds: float) -> None:
+        """Records update ``iteration``; prints a line every ``log_interval`` updates."""
+        record = {"iteration": iteration, **vars(result), "seconds": seconds}
+        self._interval.append(record)
+        if self.records is not None:
+            self.records.write(json.dumps(record) + "\n")
+            self.records.flush()
+        if iteration % self.log_interval == 0:
+            self._line(iteration)
+            self._interval = []
+
+    def _line(self, iteration: int) -> None:
+        records = self._interval
+        seconds = sum(record["seconds"] for record in records)
+        tokens = sum(record["tokens"] for record in records)
+        per_gpu = lambda count: count / seconds / self.world_size  # noqa: E731
+        step_flops = sum(flops.step_flops(self.model, self.seq_length, record["tokens"]) for record in records)
+        values = {
+            "loss": sum(record["loss"] for record in records) / len(records),
+            "lr": records[-1]["lr"],
+            "grad_norm": records[-1]["grad_norm"],
+            "skipped": sum(record["skipped"] for record in records),
+            "nan": sum(not math.isfinite(record["loss"]) for record in records),
+            "tokens_per_s_per_gpu": per_gpu(tokens),
+            "supervised_tokens_per_s_per_gpu": per_gpu(sum(record["supervised_tokens"] for record in records)),
+            "conversations_per_step": records[-1]["conversations"],
+            "supervised_tokens_per_step": records[-1]["supervised_tokens"],
+            "tflops_per_gpu": per_gpu(step_flops) / 1e12,
+            "mfu": flops.mfu(step_flops, seconds, self.world_size),
+            "peak_memory_gib": peak_memory_gib(),
+        }
+        self.print(
+            f"iteration {iteration} | loss {values['loss']:.6f} | lr {values['lr']:.4e} | "
+            f"grad norm {values['grad_norm']:.4f} | skipped {values['skipped']} | nan {values['nan']} | "
+            f"conversations {values['conversations_per_step']} | "
+            f"supervised tokens {values['supervised_tokens_per_step']} | "
+            f"tokens/s/GPU {values['tokens_per_s_per_gpu']:.1f} | "
+            f"supervised tokens/s/GPU {values['supervised_tokens_per_s_per_gpu']:.1f} | "
+            f"TFLOP/s/GPU {values['tflops_per_gpu']:.3f} | MFU {100 * values['mfu']:.2f}% | "
+            f"peak memory {values['peak_memory_gib']:.2f} GiB"
+        )
+        self.scalars(iteration, values)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        self.print(f"iteration {iteration} | validation loss {loss:.6f}")
+        if self.records is not None:
+            self.records.write(json.dumps({"iteration": iteration, "validation_loss": loss}) + "\n")
+            self.records.flush()
+        self.scalars(iteration, {"validation_loss": loss})
+
+    def scalars(self, iteration: int, values: dict) -> None:
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, iteration)
+            self.tensorboard.flush()
+
+    def print(self, text: str) -> None:
+        if self.writes:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.records is not None:
+            self.records.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

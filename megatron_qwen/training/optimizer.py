@@ -1,0 +1,136 @@
+"""megatron-core's DDP wrapper, optimizer and their checkpoint state, set up for the token-weighted SFT loss.
+
+- DDP sums gradients over data-parallel ranks (``average_in_collective=False``) and reduces them in float32;
+  ``finalize_model_grads`` then divides by the step's supervised-token count (see ``training/loss.py``).
+- The optimizer is megatron's AdamW (Transformer Engine's or apex's fused Adam where installed, otherwise
+  ``torch.optim.AdamW``), optionally the distributed optimizer (state sharded over data-parallel ranks).
+- Checkpoints of the distributed optimizer use megatron's ``fully_reshardable`` format (gathered on
+  data-parallel rank 0 with gloo, restored at any TP/PP/DP layout).
+
+Loading the distributed optimizer's checkpoint on the ``torch.optim.AdamW`` fallback fails in megatron-core
+0.16.1 for three reasons, each fixed here by ``_loadable`` without touching megatron's code:
+
+1. ``DistributedOptimizer.state_dict()`` (called while building the state dict to load into) reads Adam's
+   per-parameter ``step``, which a fresh torch AdamW does not have yet: the state is created first, zeroed,
+   with the step the checkpoint will overwrite (no optimizer step is taken, so no parameter moves).
+2. The loaders copy into the main parameters in place outside ``no_grad``; for float32 models those are
+   views of leaf parameters that require grad, which autograd refuses: loading runs under ``no_grad``.
+3. ``fully_reshardable`` keeps ``step`` in the param groups, not per parameter, yet the per-parameter copy
+   expects every state key (``KeyError: 'step'``): the copy skips keys the checkpoint does not hold per
+   parameter (``step`` is restored from the param groups by ``load_state_dict`` itself).
+
+And one more, which would break resuming silently: ``load_state_dict`` gives every parameter the *same*
+``step`` tensor, which torch AdamW then increments once per parameter at every update, so bias correction
+runs ahead after a resume. Each parameter gets its own copy back after loading.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+from megatron_qwen.training.loss import require_per_token_loss
+
+DISTRIBUTED_OPTIMIZER_FORMAT = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    # gather on data-parallel rank 0 over gloo instead of all-gathering the whole state to every rank
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+def wrap_ddp(chunks: list, distributed_optimizer: bool) -> list[DistributedDataParallel]:
+    """Each model chunk in megatron's DDP, wired into the pipeline schedule (grad finalization, no_sync)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        average_in_collective=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk) for chunk in chunks
+    ]
+    config = chunks[0].config
+    require_per_token_loss(config, ddp_config)
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return wrapped
+
+
+def build_optimizer(ddp_chunks: list, settings, precision: str, distributed_optimizer: bool):
+    """megatron's AdamW over ``ddp_chunks``; ``settings`` is the run's ``OptimizerSettings``."""
+    bf16 = precision == "bf16"
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, ddp_chunks)
+
+
+def _parts(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def sharded_state_dict(optimizer, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+    """The optimizer's entry of a distributed checkpoint (to save, or to load into with ``is_loading``)."""
+    if is_loading:
+        for part in _parts(optimizer):
+            _loadable(part)
+    return optimizer.sharded_state_dict(
+        model_sharded_state_dict, is_loading=is_loading, metadata=DISTRIBUTED_OPTIMIZER_FORMAT
+    )
+
+
+def load_state_dict(optimizer, state: dict) -> None:
+    """Restores what ``dist_checkpointing.load`` returned for ``sharded_state_dict(..., is_loading=True)``."""
+    with torch.no_grad():  # fix 2 (module docstring)
+        optimizer.load_state_dict(state)
+    for part in _parts(optimizer):
+        if isinstance(part, DistributedOptimizer) and not HAVE_APEX_OR_TE:
+            for param_state in part.optimizer.state.values():
+                param_state["step"] = param_state["step"].clone()
+
+
+def _loadable(part) -> None:
+    """Fixes 1 and 3 of the module docstring for the distributed optimizer on torch AdamW."""
+    if not isinstance(part, DistributedOptimizer) or HAVE_APEX_OR_TE:
+        return
+    adam = part.optimizer
+    for group in adam.param_groups:
+        for param in group["params"]:
+            if not adam.state[param]:
+                adam.state[param].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
+                )
+    if not getattr(part, "_copies_only_saved_keys", False):
+        original = part._set_main_param_and_optimizer_states
+
+        def copy_saved_keys(self, model_param, tensors):
+            original(model_param, _with_current_values(self, model_param, tensors))
+
+        part._set_main_param_and_optimizer_states = types.MethodType(copy_saved_keys, part)
+        part._copies_only_saved_keys = True
+
+
+def _with_current_values(part, model_param, tensors: dict) -> dict:
+    """``tensors`` completed with the current value of every state key the checkpoint does not hold per
+    parameter (torch AdamW's ``step``), so megatron's copy leaves those untouched."""
+    group_index, group_order = part.model_param_group_index_map[model_param]
+    main_param = part.optimizer.param_groups[group_index]["params"][group_order]
+    state = part.optimizer.state[main_param]
+    missing = {key: value for key, value in state.items() if key not in tensors}
+    return {**tensors, **missing}

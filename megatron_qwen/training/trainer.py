@@ -1,0 +1,207 @@
+"""The SFT run: set-up from a ``RunConfig``, then the loop of updates, validation, checkpoints and stops.
+
+Set-up order matters: the model is built (random weights from the run's seed), wrapped in DDP, given the
+pretrained weights if any, and only then handed to the optimizer (whose float32 main copies are taken from
+the weights at that moment); a resume then overwrites model, optimizer, RNG states, schedule and data
+position from the checkpoint.
+
+The loop stops (1) after ``train_steps`` updates, saving a last checkpoint; (2) on SIGTERM/SIGUSR1, saving at
+the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm, without saving, with
+``TrainingDiverged``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_qwen.checkpoint import layout
+from megatron_qwen.data.tokenizer import load_tokenizer
+from megatron_qwen.models.build import build_model, transformer_config
+from megatron_qwen.models.presets import PRESETS
+from megatron_qwen.models.spec import transformer_engine_available
+from megatron_qwen.platform import distributed
+from megatron_qwen.training import checkpointing, faults
+from megatron_qwen.training.config import RunConfig
+from megatron_qwen.training.interrupts import StopRequest
+from megatron_qwen.training.metrics import Reporter
+from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
+from megatron_qwen.training.rows import schedule_shape
+from megatron_qwen.training.samples import SFTSamples
+from megatron_qwen.training.schedule import build_scheduler
+from megatron_qwen.training.step import ScheduleShape, device, train_step, validation_loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+def layer_impl() -> str:
+    """Transformer Engine's layers on a GPU that has it, megatron's local spec with ours elsewhere."""
+    return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
+
+
+def build_chunks(model, config: RunConfig) -> list:
+    """This rank's model chunks (one, or ``virtual_pipeline`` for the interleaved schedule)."""
+    settings, parallel = config.model, config.parallel
+    impl = layer_impl()
+    if settings.fp8 and impl != "te":
+        raise ValueError("--fp8 needs Transformer Engine on a GPU, which is not available here")
+    bf16 = settings.precision == "bf16"
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }[settings.recompute]
+    fp8 = {"fp8": "hybrid", "fp8_amax_history_len": 1024, "fp8_amax_compute_algo": "max"} if settings.fp8 else {}
+    model_config = transformer_config(
+        model,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        attention_dropout=settings.dropout,
+        hidden_dropout=settings.dropout,
+        sequence_parallel=parallel.sequence_parallel,
+        calculate_per_token_loss=True,
+        **recompute,
+        **fp8,
+    )
+    stages = parallel.virtual_pipeline or 1
+    chunks = [
+        build_model(model, layer_impl=impl, config=model_config, vp_stage=stage if stages > 1 else None)
+        for stage in range(stages)
+    ]
+    if torch.cuda.is_available():
+        chunks = [chunk.cuda() for chunk in chunks]
+    return chunks
+
+
+def _tokenizer(config: RunConfig, start: checkpointing.StartPoint):
+    """The run's tokenizer: ``--tokenizer``, else the one recorded in the checkpoint the run starts from."""
+    if config.data.tokenizer is not None:
+        return load_tokenizer(config.data.tokenizer)
+    if start.iteration_dir is None:
+        raise ValueError("--tokenizer: needed when starting from random weights (checkpoints carry their own)")
+    return load_tokenizer(str(layout.tokenizer_dir(start.iteration_dir)))
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        parallel, training = config.parallel, config.training
+        distributed.initialize(
+            tensor_parallel=parallel.tensor_parallel,
+            pipeline_parallel=parallel.pipeline_parallel,
+            virtual_pipeline_parallel=parallel.virtual_pipeline,
+            seed=training.seed,
+        )
+        self.world_size = torch.distributed.get_world_size()
+        self.num_micro_batches = config.num_micro_batches(self.world_size)
+        self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
+        preset = PRESETS[config.model.preset] if config.model.preset else None
+        self.model = checkpointing.model_config(self.start, preset)
+        self.tokenizer = _tokenizer(config, self.start)
+        data = config.data
+        self.samples = SFTSamples(
+            data.data_path, data.data_weights, data.valid_fraction, data.rows, data.seq_length, training.seed,
+            data.pad_token_id,
+        )
+        self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
+        self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
+        self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
+        if self.start.kind == "pretrained":
+            checkpointing.load_pretrained(self.chunks, self.start)
+        self.optimizer = build_optimizer(
+            self.chunks, config.optimizer, config.model.precision, parallel.distributed_optimizer
+        )
+        opt = config.optimizer
+        self.scheduler = build_scheduler(
+            self.optimizer, opt.lr, opt.min_lr, opt.warmup_steps, training.train_steps, opt.lr_decay_style,
+            opt.weight_decay,
+        )
+        self.iteration = 0
+        if self.start.kind == "resume":
+            state = checkpointing.load_resume(self.chunks, self.optimizer, self.start, self.layout())
+            self.iteration = int(state["iteration"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.samples.load_state_dict(state["data"])
+        save_dir = config.checkpoint.save_dir
+        output_dir = training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
+        self.reporter = Reporter(
+            self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
+            writes=torch.distributed.get_rank() == 0,
+        )
+        self.reporter.print(
+            f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
+            f"layout {self.layout()}; {self.num_micro_batches} micro-batches of {training.micro_batch_size} "
+            f"row(s) per data-parallel rank and update"
+        )
+
+    def layout(self) -> dict:
+        parallel = self.config.parallel
+        return {
+            "tensor_parallel": parallel.tensor_parallel,
+            "pipeline_parallel": parallel.pipeline_parallel,
+            "virtual_pipeline": parallel.virtual_pipeline,
+            "data_parallel": parallel_state.get_data_parallel_world_size(),
+        }
+
+    def _micro_batches(self, rows):
+        return self.samples.micro_batches(
+            rows,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+            self.config.training.micro_batch_size,
+        )
+
+    def save(self) -> None:
+        checkpoint = self.config.checkpoint
+        trainer_state = {
+            "iteration": self.iteration,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.samples.state_dict(),
+            "layout": self.layout(),
+        }
+        path = checkpointing.save(
+            checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
+            self.tokenizer, checkpoint.keep_last,
+        )
+        self.reporter.print(f"iteration {self.iteration} | saved {path}")
+
+    def validate(self) -> None:
+        batches = [self._micro_batches(rows) for rows in self.samples.validation_batches(self.config.training.global_batch_size)]
+        if batches:
+            self.reporter.validation(self.iteration, validation_loss(self.chunks, batches, self.shape))
+
+    def train(self) -> str:
+        """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
+        training, checkpoint = self.config.training, self.config.checkpoint
+        stop = StopRequest(device())
+        while self.iteration < training.train_steps:
+            rows = self.samples.next_global_batch(training.global_batch_size)
+            micro_batches = self._micro_batches(rows)
+            self.iteration += 1
+            started = time.perf_counter()
+            result = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.shape, self.iteration)
+            self.reporter.step(self.iteration, result, time.perf_counter() - started)
+            if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                raise TrainingDiverged(
+                    f"iteration {self.iteration}: loss {result.loss}, gradient norm {result.grad_norm}; stopping "
+                    "without writing a checkpoint from this state (the last saved one is intact)"
+                )
+            if training.eval_interval and self.iteration % training.eval_interval == 0:
+                self.validate()
+            faults.maybe_signal(self.iteration)
+            if stop.agreed():
+                if checkpoint.save_dir:
+                    self.save()
+                return stop.received or "signal on another rank"
+            if checkpoint.save_dir and (
+                self.iteration % checkpoint.save_interval == 0 or self.iteration == training.train_steps
+            ):
+                self.save()
+        return "done"
+
+    def close(self) -> None:
+        self.reporter.close()

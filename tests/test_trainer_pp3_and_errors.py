@@ -1,0 +1,99 @@
+"""On 3 CPU processes: packed rows equal padded rows at pipeline size 3 (a middle stage exists) with 2-row
+micro-batches; and every kind of unusable checkpoint or dataset stops the run with its own message.
+
+The ``pairs`` dataset holds conversations of exactly 16 tokens, so a 32-position packed row holds exactly two
+and 4 packed rows hold the same 8 conversations, in the same order, as 8 padded rows: the same supervised
+tokens, so the same token-weighted loss, if and only if attention and positions stay inside each
+conversation on every stage and for every row of a micro-batch.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _worker_env, run_python, run_torchrun
+from workers.trainer_common import fixture_dir, read_records, run_args, run_plan
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data = fixture_dir(tmp_path_factory, run_python)
+    work = tmp_path_factory.mktemp("pp3")
+    start = data / "start"
+    bad = prepare_bad_checkpoints(start, work)
+
+    def entry(name, dataset="pairs", checkpoint=start, **settings):
+        settings = {"global_batch_size": 6, **settings}  # a multiple of data-parallel size 3
+        flags = run_args(str(data / dataset), str(checkpoint), tensorboard_dir=str(work / name), **settings)
+        return {"name": name, "flags": flags}
+
+    pp3 = {"pipeline_parallel": 3, "micro_batch_size": 2}
+    plan = [
+        entry("pad_pp3_mbs2", rows="pad", global_batch_size=8, **pp3),
+        entry("pack_pp3_mbs2", rows="pack", global_batch_size=4, **pp3),
+        entry("missing_checkpoint", checkpoint=work / "no_such_dir"),
+        entry("not_a_checkpoint", checkpoint=data),
+        entry("unreadable_checkpoint", checkpoint=bad["unreadable"]),
+        entry("shape_mismatch", checkpoint=bad["shape_mismatch"]),
+        entry("preset_mismatch", preset="tiny"),
+        entry("wrong_tokenizer", dataset="wrong_tokenizer"),
+        entry("big_ids", dataset="big_ids"),
+    ]
+    ended = run_plan(run_torchrun, 3, plan, work)
+    return ended, {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan[:2]}
+
+
+def prepare_bad_checkpoints(start, work):
+    unreadable = work / "unreadable"
+    shutil.copytree(start, unreadable)
+    for shard in (unreadable / "iter_0000000").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    shape_mismatch = work / "shape_mismatch"
+    shutil.copytree(start, shape_mismatch)
+    config_path = shape_mismatch / "iter_0000000" / "model_config.json"
+    config = json.loads(config_path.read_text())
+    config["ffn_hidden_size"] = 96  # a model the weights do not fit
+    config_path.write_text(json.dumps(config))
+    return {"unreadable": unreadable, "shape_mismatch": shape_mismatch}
+
+
+def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
+    ended, records = runs
+    assert ended["pad_pp3_mbs2"]["ended"] == ended["pack_pp3_mbs2"]["ended"] == "done"
+    padded, packed = records["pad_pp3_mbs2"], records["pack_pp3_mbs2"]
+    assert [r["conversations"] for r in packed] == [r["conversations"] for r in padded] == [8, 8]
+    assert [r["supervised_tokens"] for r in packed] == [r["supervised_tokens"] for r in padded]
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=1e-5)
+    assert packed[0]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("missing_checkpoint", "CheckpointError", "no_such_dir does not exist"),
+        ("not_a_checkpoint", "CheckpointError", "has no 'latest' marker"),
+        ("unreadable_checkpoint", "CheckpointError", "could not be loaded (EOFError"),
+        ("shape_mismatch", "CheckpointError", "linear_fc1.weight has shape (6, 256, 64) in the checkpoint but (6, 192, 64)"),
+        ("preset_mismatch", "CheckpointError", "holds another model than --preset tiny (num_layers: checkpoint 6, --preset 4; vocab_size: checkpoint 1024, --preset 151936)"),
+        ("wrong_tokenizer", "DatasetMismatchError", "wrong_tokenizer_stats.json: tokenized with a different tokenizer"),
+        ("big_ids", "DatasetMismatchError", "token id 5000 has no row in the model's embedding (1024 rows)"),
+    ],
+)
+def test_unusable_inputs_stop_with_their_message(runs, name, error, message):
+    ended, _ = runs
+    assert ended[name]["ended"] == error
+    assert message in ended[name]["message"]
+
+
+def test_the_command_line_reports_a_bad_pretrained_checkpoint_and_exits_2(tmp_path_factory, tmp_path):
+    data = fixture_dir(tmp_path_factory, run_python)
+    flags = run_args(str(data / "plain"), str(tmp_path / "missing"), str(tmp_path / "save"))
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_qwen.train", *flags], cwd=REPO, env=_worker_env(),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert f"--pretrained-checkpoint {tmp_path / 'missing'}: checkpoint directory" in result.stderr
+    assert not (tmp_path / "save").exists()  # nothing started from random weights

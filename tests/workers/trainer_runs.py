@@ -1,0 +1,52 @@
+"""Runs several trainer configurations one after another in one torchrun launch (CPU, gloo).
+
+Usage: torchrun --nproc-per-node N trainer_runs.py PLAN_JSON RESULT_JSON
+
+PLAN_JSON is a list of runs: ``{"name", "flags": [...], "env": {VAR: value}}``. Each run builds a fresh
+``Trainer`` from the flags (megatron's parallel groups are rebuilt, the process group is kept) and records
+on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message. Metrics come from
+the runs' own metrics.jsonl files, which the test reads.
+"""
+import json
+import os
+import sys
+
+
+def run(flags, env):
+    from megatron.core import parallel_state
+
+    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.training.trainer import Trainer
+
+    os.environ.update({name: str(value) for name, value in env.items()})
+    trainer = None
+    try:
+        trainer = Trainer(parse_config(flags))
+        return {"ended": trainer.train()}
+    except Exception as error:  # recorded for the test to check
+        return {"ended": type(error).__name__, "message": str(error)}
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        if trainer is not None:
+            trainer.close()
+        parallel_state.destroy_model_parallel()
+
+
+def main(plan_path, result_path):
+    import torch
+
+    with open(plan_path) as f:
+        plan = json.load(f)
+    results = {}
+    for entry in plan:
+        results[entry["name"]] = run(entry["flags"], entry.get("env", {}))
+    if torch.distributed.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(results, f, indent=1)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

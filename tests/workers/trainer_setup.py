@@ -1,0 +1,30 @@
+"""Writes the trainer tests' fixtures into OUT_DIR (one process): datasets and a starting checkpoint.
+
+Usage: python trainer_setup.py OUT_DIR
+
+- ``plain``: 48 conversations of 6..32 tokens, random prompt lengths (unequal supervised counts);
+- ``half_a``, ``half_b``: two further datasets for blending;
+- ``pairs``: 24 conversations of exactly 16 tokens, so that a 32-position row packs exactly two;
+- ``wrong_tokenizer``: stats naming another tokenizer; ``big_ids``: token ids the test model has no row for;
+- ``start/``: iteration 0 of the 6-layer, 1024-row test model, as the converter writes it.
+"""
+import sys
+from pathlib import Path
+
+from trainer_common import random_conversations, tokenizer, write_dataset, write_start_checkpoint
+
+
+def main(out_dir):
+    out = Path(out_dir)
+    sha = tokenizer().sha256
+    write_dataset(out / "plain", random_conversations(48, seed=1), sha)
+    write_dataset(out / "half_a", random_conversations(20, seed=2), sha)
+    write_dataset(out / "half_b", random_conversations(28, seed=3), sha)
+    write_dataset(out / "pairs", random_conversations(24, seed=4, lengths=(16, 17)), sha)
+    write_dataset(out / "wrong_tokenizer", random_conversations(8, seed=5), "0" * 64)
+    write_dataset(out / "big_ids", [([1, 2, 5000, 3], [0, 0, 1, 1])] * 8, sha)
+    write_start_checkpoint(out / "start")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

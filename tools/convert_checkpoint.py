@@ -1,0 +1,54 @@
+"""Converts Qwen checkpoints between Hugging Face and megatron-core.
+
+  hf-to-mcore --hf-dir DIR --mcore-dir OUT [--tokenizer-dir DIR]
+      Reads a first-generation Qwen (QWenLMHeadModel) or Qwen2/2.5 (Qwen2ForCausalLM) checkpoint
+      (safetensors or .bin, single file or indexed shards) and writes iteration 0 of the checkpoint
+      layout in OUT. The tokenizer files come from --hf-dir unless --tokenizer-dir names another folder.
+  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen] [--iteration N]
+      Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
+      index, config.json, the tokenizer files, the ChatML chat template and generation_config.json.
+
+Runs as a single process on the CPU; check the result with tools/verify_conversion.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_qwen.checkpoint.convert import LAYOUTS, hf_to_mcore, mcore_to_hf
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_mcore = commands.add_parser("hf-to-mcore", help="Hugging Face -> megatron-core (iteration 0)")
+    to_mcore.add_argument("--hf-dir", required=True)
+    to_mcore.add_argument("--mcore-dir", required=True)
+    to_mcore.add_argument("--tokenizer-dir", help="folder with the tokenizer files (default: --hf-dir)")
+    to_hf = commands.add_parser("mcore-to-hf", help="megatron-core -> Hugging Face")
+    to_hf.add_argument("--mcore-dir", required=True)
+    to_hf.add_argument("--hf-dir", required=True)
+    to_hf.add_argument("--format", default="qwen2", choices=sorted(LAYOUTS),
+                       help="qwen2: Qwen2ForCausalLM (default, loads in transformers); qwen: first-generation layout")
+    to_hf.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GB)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "hf-to-mcore":
+            written = hf_to_mcore(args.hf_dir, args.mcore_dir, args.tokenizer_dir)
+        else:
+            written = mcore_to_hf(args.mcore_dir, args.hf_dir, args.format, args.iteration,
+                                  int(args.max_shard_gb * 2**30))
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+        print(f"convert_checkpoint.py {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist-checkpointing's writer re-imports this module
+    sys.exit(main())
