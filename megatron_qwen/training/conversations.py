@@ -10,17 +10,7 @@ from __future__ import annotations
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-
-def text_prefix(prefix: str) -> str:
-    return f"{prefix}_text_document"
-
-
-def loss_mask_prefix(prefix: str) -> str:
-    return f"{prefix}_loss_mask_document"
-
-
-def stats_path(prefix: str) -> str:
-    return f"{prefix}_stats.json"
+from megatron_qwen.data.dataset_files import loss_mask_prefix, text_prefix
 
 
 class ConversationDataset:

@@ -6,9 +6,9 @@ rows than the run uses would train silently on garbage; each case stops here wit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from megatron_qwen.training.conversations import ConversationDataset, stats_path
+from megatron_qwen.data.dataset_files import stats_path, text_prefix
+from megatron_qwen.training.conversations import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
 # "provenance", the tokenizer's provenance (ChatTokenizer.provenance()) and the row length the dataset was cut for.
@@ -22,7 +22,7 @@ class DatasetMismatchError(ValueError):
 
 def read_stats(prefix: str) -> dict:
     """The parsed ``PREFIX_stats.json``; a missing or unreadable file is named."""
-    path = Path(stats_path(prefix))
+    path = stats_path(prefix)
     if not path.is_file():
         raise DatasetMismatchError(f"{path}: missing; every dataset PREFIX needs the stats file the data tool writes")
     try:
@@ -71,7 +71,7 @@ def check_dataset(
     max_id = dataset.max_token_id()
     if max_id >= embedding_rows:
         raise DatasetMismatchError(
-            f"{dataset.prefix}_text_document.bin: token id {max_id} has no row in the model's embedding "
+            f"{text_prefix(dataset.prefix)}.bin: token id {max_id} has no row in the model's embedding "
             f"({embedding_rows} rows); the dataset was tokenized for another model"
         )
     return recorded_sha

@@ -2,8 +2,14 @@
 
 - DDP sums gradients over data-parallel ranks (``average_in_collective=False``) and reduces them in float32;
   ``finalize_model_grads`` then divides by the step's supervised-token count (see ``training/loss.py``).
-- The optimizer is megatron's AdamW (Transformer Engine's or apex's fused Adam where installed, otherwise
-  ``torch.optim.AdamW``), optionally the distributed optimizer (state sharded over data-parallel ranks).
+- The optimizer is megatron's AdamW, optionally the distributed optimizer (state sharded over data-parallel
+  ranks). Its Adam kernel: megatron-core 0.16.1 (``megatron/core/optimizer/__init__.py``) takes Transformer
+  Engine's ``FusedAdam``, else apex's, and when neither imports it builds ``torch.optim.AdamW`` without a
+  ``fused`` argument, which torch runs as its multi-tensor ``foreach`` implementation on a GPU (a per-parameter
+  loop on the CPU). ``select_adam_kernel`` then switches that fallback to ``fused=True`` on a GPU (one fused
+  kernel per parameter group instead of a dozen ``foreach`` passes over the state); on the CPU it leaves torch's
+  default. It runs after building and again after loading a checkpoint, whose saved param groups carry the
+  ``fused`` flag of the run that wrote them.
 - Checkpoints of the distributed optimizer use megatron's ``fully_reshardable`` format (gathered on
   data-parallel rank 0 with gloo, restored at any TP/PP/DP layout).
 
@@ -21,7 +27,8 @@ Loading the distributed optimizer's checkpoint on the ``torch.optim.AdamW`` fall
 
 And one more, which would break resuming silently: ``load_state_dict`` gives every parameter the *same*
 ``step`` tensor, which torch AdamW then increments once per parameter at every update, so bias correction
-runs ahead after a resume. Each parameter gets its own copy back after loading.
+runs ahead after a resume. Each parameter gets its own copy back after loading, where torch keeps it: on the
+CPU, or on the parameter's device for the fused kernel (which refuses steps on another device).
 """
 from __future__ import annotations
 
@@ -76,7 +83,57 @@ def build_optimizer(ddp_chunks: list, settings, precision: str, distributed_opti
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed_optimizer,
     )
-    return get_megatron_optimizer(config, ddp_chunks)
+    optimizer = get_megatron_optimizer(config, ddp_chunks)
+    select_adam_kernel(optimizer)
+    return optimizer
+
+
+def _inner(optimizer) -> list:
+    """The optimizers megatron's wrappers step (``None`` for a rank without parameters)."""
+    return [getattr(part, "optimizer", part) for part in _parts(optimizer)]
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Adam]:
+    """The ``torch.optim.Adam``/``AdamW`` instances inside megatron's optimizer (none with TE's or apex's)."""
+    return [adam for adam in _inner(optimizer) if isinstance(adam, torch.optim.Adam)]
+
+
+def select_adam_kernel(optimizer, fused: bool | None = None) -> None:
+    """Runs torch's AdamW fallback fused (``fused=None``: when CUDA is available), else with torch's default,
+    and puts each parameter's own ``step`` tensor where that kernel wants it (module docstring)."""
+    if fused is None:
+        fused = torch.cuda.is_available()
+    for adam in _torch_adams(optimizer):
+        adam.defaults["fused"] = True if fused else None
+        for group in adam.param_groups:
+            group["fused"] = adam.defaults["fused"]
+            if fused:
+                group["foreach"] = None  # torch refuses fused and foreach together
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and "step" in state:
+                    on = param.device if fused or group["capturable"] else torch.device("cpu")
+                    state["step"] = state["step"].to(device=on, dtype=torch.float32).clone()
+
+
+def adam_description(optimizer) -> str:
+    """Which Adam implementation steps (for logs and the benchmark): class, and torch's kernel choice."""
+    names = []
+    for adam in (adam for adam in _inner(optimizer) if adam is not None):
+        name = f"{type(adam).__module__}.{type(adam).__qualname__}"
+        if isinstance(adam, torch.optim.Adam):
+            first = adam.param_groups[0]
+            params = [param for group in adam.param_groups for param in group["params"]]
+            if first["fused"]:
+                kernel = "fused"
+            else:
+                foreach = first["foreach"]
+                if foreach is None:
+                    _, foreach = torch.optim.optimizer._default_to_fused_or_foreach(params, False, use_fused=False)
+                kernel = "foreach" if foreach else "for-loop"
+            name += f" ({kernel})"
+        names.append(name)
+    return ", ".join(dict.fromkeys(names))
 
 
 def _parts(optimizer) -> list:
@@ -97,10 +154,7 @@ def load_state_dict(optimizer, state: dict) -> None:
     """Restores what ``dist_checkpointing.load`` returned for ``sharded_state_dict(..., is_loading=True)``."""
     with torch.no_grad():  # fix 2 (module docstring)
         optimizer.load_state_dict(state)
-    for part in _parts(optimizer):
-        if isinstance(part, DistributedOptimizer) and not HAVE_APEX_OR_TE:
-            for param_state in part.optimizer.state.values():
-                param_state["step"] = param_state["step"].clone()
+    select_adam_kernel(optimizer)  # also fix 4: a step tensor of its own per parameter
 
 
 def _loadable(part) -> None:
