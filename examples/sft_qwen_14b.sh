@@ -22,7 +22,7 @@
 #
 # Preemption: SLURM sends SIGUSR1 10 minutes before the time limit; the trainer then finishes its step, saves
 # (weights 28 GB + optimizer 170 GB, a few minutes even on a slow shared file system) and exits, and the
-# requeued job resumes from that checkpoint.
+# same job submitted again (sbatch, or `scontrol requeue JOBID`) resumes from that checkpoint.
 #SBATCH --job-name=sft-qwen-14b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

@@ -35,6 +35,7 @@ from __future__ import annotations
 import types
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
@@ -129,7 +130,7 @@ def adam_description(optimizer) -> str:
             else:
                 foreach = first["foreach"]
                 if foreach is None:
-                    _, foreach = torch.optim.optimizer._default_to_fused_or_foreach(params, False, use_fused=False)
+                    _, foreach = _default_to_fused_or_foreach(params, False, use_fused=False)
                 kernel = "foreach" if foreach else "for-loop"
             name += f" ({kernel})"
         names.append(name)

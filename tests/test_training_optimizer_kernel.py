@@ -1,0 +1,40 @@
+"""The Adam kernel of megatron's torch-AdamW fallback: ``training/optimizer.select_adam_kernel``.
+
+On a GPU without Transformer Engine or apex the trainer switches megatron's ``torch.optim.AdamW`` to torch's
+fused kernel; on the CPU it keeps torch's default. The switch is exercised here on the CPU, where torch also
+has a fused AdamW (tests/workers/optimizer_kernel.py): megatron's distributed optimizer must then really step
+with the fused op and compute the same update as the default kernel, and its checkpoint must load with a
+``step`` tensor of its own per parameter and the kernel chosen for the device that loads it, not the one
+recorded in the checkpoint's param groups.
+"""
+import json
+
+import pytest
+
+from conftest import run_python
+
+
+@pytest.fixture(scope="module")
+def findings():
+    output = run_python("optimizer_kernel.py").stdout
+    line = next(line for line in output.splitlines() if line.startswith("FINDINGS "))
+    return json.loads(line.removeprefix("FINDINGS "))
+
+
+def test_on_the_cpu_megatron_keeps_torch_adamw_with_its_default_kernel(findings):
+    assert findings["default_kernel"] == "torch.optim.adamw.AdamW (for-loop)"
+
+
+def test_the_switch_makes_megatrons_optimizer_step_with_the_fused_op_and_the_same_update(findings):
+    assert findings["fused_kernel"] == "torch.optim.adamw.AdamW (fused)"
+    assert findings["fused_op_ran"]
+    assert findings["weights_moved"] > 1e-4  # lr 1e-3, two updates: the comparison below is not vacuous
+    assert findings["max_weight_difference"] < 1e-6
+
+
+def test_a_fused_optimizers_checkpoint_resumes_with_own_steps_and_the_devices_kernel(findings):
+    assert findings["resumed_steps"] == [2.0]
+    assert findings["resumed_steps_distinct"]
+    # the checkpoint's param groups say fused=True; on the CPU the loader re-selects the default kernel
+    assert findings["resumed_kernel"] == "torch.optim.adamw.AdamW (for-loop)"
+    assert findings["resumed_max_weight_difference"] < 1e-6
