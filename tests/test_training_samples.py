@@ -1,7 +1,7 @@
 """SFT samples: padding vs packing, boundaries, positions, shuffling, resume, blending, split, dataset checks.
 
-Fixture datasets are written here with megatron-core's IndexedDatasetBuilder, the way the data tool writes
-them; expected values come from the raw token/mask lists written, by the definition
+Fixture datasets are written with megatron-core's IndexedDatasetBuilder (``tests/workers/trainer_common.py``),
+the way the data tool writes them; expected values come from the raw token/mask lists written, by the definition
 ``input = tokens[:-1], labels = tokens[1:], loss_mask = mask[1:]`` per conversation.
 """
 import collections
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_torchrun
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_qwen.training.dataset_check import DatasetMismatchError
 from megatron_qwen.training.samples import SFTSamples
+from workers import trainer_common
 
 SEQ = 16
 SHA = "ab" * 32
@@ -22,20 +22,7 @@ SHA = "ab" * 32
 
 def write_dataset(prefix, conversations, seq_length=SEQ, sha=SHA):
     """conversations: list of (tokens, mask) lists."""
-    text = IndexedDatasetBuilder(f"{prefix}_text_document.bin", dtype=np.int32)
-    masks = IndexedDatasetBuilder(f"{prefix}_loss_mask_document.bin", dtype=np.uint8)
-    for tokens, mask in conversations:
-        text.add_document(torch.tensor(tokens), [len(tokens)])
-        masks.add_document(torch.tensor(mask), [len(mask)])
-    text.finalize(f"{prefix}_text_document.idx")
-    masks.finalize(f"{prefix}_loss_mask_document.idx")
-    stats = {
-        "provenance": {"tokenizer": {"kind": "qwen", "sha256": sha, "vocab_size": 151643}, "seq_length": seq_length},
-        "conversations_written": len(conversations),
-    }
-    with open(f"{prefix}_stats.json", "w") as f:
-        json.dump(stats, f)
-    return str(prefix)
+    return trainer_common.write_dataset(prefix, conversations, sha, seq_length)
 
 
 def random_conversations(count, seed, base=0, min_len=3, max_len=SEQ, all_supervised=False):
