@@ -130,7 +130,7 @@ def test_truncation_at_turn_boundaries(tokenizer, convention):
     def encode(seq_length, overlong="truncate"):
         encoder = ConversationEncoder(tokenizer, EncodeSettings(convention, seq_length, overlong=overlong))
         batch = encoder.encode_batch([Row(0, 1, LONG.encode())])
-        return batch, (batch.ids.tolist(), batch.mask.tolist())
+        return batch.summary, (batch.ids.tolist(), batch.mask.tolist())
 
     batch, written = encode(35)
     assert written == expected(full, convention) and batch.truncated == 0
@@ -157,4 +157,5 @@ def test_a_batch_concatenates_its_conversations(tokenizer):
     ids_long, mask_long = expected(full, "qwen-finetune")
     ids_short, mask_short = expected(full[:3], "qwen-finetune")
     assert batch.ids.tolist() == ids_long + ids_short and batch.mask.tolist() == mask_long + mask_short
-    assert batch.lengths.tolist() == [35, 23]
+    assert batch.summary.lengths.tolist() == [35, 23] and batch.summary.rows == 2
+    assert batch.summary.supervised_tokens == sum(mask_long) + sum(mask_short)

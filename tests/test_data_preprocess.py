@@ -1,6 +1,7 @@
 """The preprocessing run end to end: readable megatron-core datasets, bad input named by file and line,
 rejects, gzip, identical output for any number of workers, and nothing under PREFIX after a failure
 or a SIGKILL."""
+import errno
 import gzip
 import json
 import os
@@ -149,6 +150,32 @@ def test_one_and_two_workers_write_identical_bytes(tmp_path):
     assert {k: v for k, v in one.items() if k != "files"} == {k: v for k, v in two.items() if k != "files"}
     first, second = dataset_bytes(tmp_path / "w1"), dataset_bytes(tmp_path / "w2")
     assert len(first) == 4 and list(first.values()) == list(second.values())
+    assert not list(tmp_path.glob(".*")), "a staging folder or batch file was left behind"
+
+
+def test_copies_without_sendfile_give_the_same_bytes(tmp_path, monkeypatch):
+    # Where sendfile cannot write to a file (it writes only to sockets outside Linux), batch files are
+    # appended through a buffer instead; the datasets must not change.
+    path = many_conversations(tmp_path / "many.jsonl", 200)
+    run(job([path], tmp_path / "kernel", batch_bytes=4096))
+
+    def no_sendfile(*args):
+        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    run(job([path], tmp_path / "buffered", batch_bytes=4096))
+    kernel, buffered = dataset_bytes(tmp_path / "kernel"), dataset_bytes(tmp_path / "buffered")
+    assert len(kernel) == 4 and list(kernel.values()) == list(buffered.values())
+
+
+def test_bad_row_with_two_workers_stops_and_leaves_nothing(tmp_path):
+    path = many_conversations(tmp_path / "many.jsonl", 300)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[250] = '{"messages": []}'
+    write_jsonl(path, lines)
+    with pytest.raises(InputError, match=rf"^{path}:251: empty conversation"):
+        run(job([path], tmp_path / "bad", workers=2, batch_bytes=4096))
+    assert os.listdir(tmp_path) == ["many.jsonl"]
 
 
 def test_incomplete_dataset_is_refused(tmp_path):

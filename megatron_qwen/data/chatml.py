@@ -20,6 +20,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from megatron_qwen.data.tokenizer import ID_BYTES, Buffer
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 _ROLE_INDEX = {role: index for index, role in enumerate(ROLES)}
@@ -40,15 +42,6 @@ class Message(NamedTuple):
     content: str
 
 
-class TokenizedConversation(NamedTuple):
-    """A conversation's turns as parallel lists; the ChatML frame around each content is the renderer's."""
-    roles: list[int]  # indices into ROLES
-    contents: list[memoryview]  # each turn's content ids (uint32)
-
-    def head(self, turns: int) -> TokenizedConversation:
-        return TokenizedConversation(self.roles[:turns], self.contents[:turns])
-
-
 def with_system_prompt(messages: Sequence[Message], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[Message]:
     """The conversation as rendered: a system turn with ``system_prompt`` is put first when the
     conversation has none (an empty prompt adds nothing)."""
@@ -66,8 +59,8 @@ class ChatMLRenderer:
     """Renders messages with one tokenizer and one loss-mask convention.
 
     Work is split so a batch of many conversations pays per-token costs only in C: ``tokenize`` encodes
-    contents to id buffers, ``frame`` lays out the ChatML pieces around them (to be joined as bytes),
-    and ``mask`` builds the loss mask of any number of turns at once from roles and content lengths."""
+    the contents of each turn to an id buffer, and ``ids`` and ``mask`` then lay out the ChatML pieces
+    and the loss mask of any number of consecutive turns at once, from their roles and contents."""
 
     def __init__(self, tokenizer, convention: str = "assistant"):
         if convention not in _MASK_PIECES:
@@ -79,30 +72,34 @@ class ChatMLRenderer:
         role_ids = [tokenizer.encode(role) for role in ROLES]
         self._heads = [_id_buffer([tokenizer.im_start_id, *ids, *newline]) for ids in role_ids]
         self._tail = _id_buffer([tokenizer.im_end_id, *newline])
-        self._frame_lengths = [len(head) + len(self._tail) for head in self._heads]
         # Per role: the six pieces' lengths (the content's filled in per turn) and targets.
         self._piece_lengths = np.array([[1, len(ids), len(newline), 0, 1, len(newline)] for ids in role_ids],
                                        dtype=np.int64)
         self._piece_targets = np.array([_MASK_PIECES[convention].get(role, _NOTHING) for role in ROLES],
                                        dtype=np.uint8)
+        self.frame_lengths = self._piece_lengths.sum(axis=1)  # tokens of a turn besides its content, per role
         # System prompts repeat across a dataset (the default one is added to most conversations).
         self._encode_system = lru_cache(maxsize=64)(tokenizer.encode_ids)
 
-    def tokenize(self, messages: Iterable[Message]) -> TokenizedConversation:
+    def tokenize(self, messages: Sequence[Message], roles: list[int], contents: list[Buffer]) -> int:
+        """Append each message's role (an index into ROLES) to ``roles`` and its content ids to
+        ``contents``; returns the number of turns appended."""
         encode, encode_system = self.tokenizer.encode_ids, self._encode_system
-        roles = [_ROLE_INDEX[role] for role, _ in messages]
-        contents = [encode_system(content) if role == "system" else encode(content) for role, content in messages]
-        return TokenizedConversation(roles, contents)
+        roles += [_ROLE_INDEX[role] for role, _ in messages]
+        contents += [encode_system(content) if role == "system" else encode(content) for role, content in messages]
+        return len(messages)
 
-    def turn_lengths(self, conversation: TokenizedConversation) -> list[int]:
-        frame_lengths = self._frame_lengths
-        return [frame_lengths[role] + len(content) for role, content in zip(*conversation)]
+    @staticmethod
+    def content_lengths(contents: Sequence[Buffer]) -> np.ndarray:
+        """The number of ids (int64) of each content."""
+        return np.array([memoryview(content).nbytes for content in contents], dtype=np.int64) // ID_BYTES
 
-    def frame(self, parts: list, conversation: TokenizedConversation) -> None:
-        """Append the id buffers of the conversation in ChatML order to ``parts`` (``b"".join`` them)."""
+    def ids(self, roles: Sequence[int], contents: Sequence[Buffer]) -> np.ndarray:
+        """The token ids (int32) of consecutive turns: each content inside its ChatML frame."""
         heads, tail = self._heads, self._tail
-        for role, content in zip(*conversation):
-            parts += (heads[role], content, tail)
+        # Qwen ids are far below 2**31, so the joined uint32 buffers are int32 ids as they stand.
+        return np.frombuffer(b"".join([piece for role, content in zip(roles, contents)
+                                       for piece in (heads[role], content, tail)]), dtype=np.int32)
 
     def mask(self, roles: Sequence[int], content_lengths: Sequence[int]) -> np.ndarray:
         """The loss mask (uint8) of consecutive turns given their roles and content lengths."""
@@ -111,22 +108,15 @@ class ChatMLRenderer:
         lengths[:, _CONTENT] = content_lengths
         return np.repeat(self._piece_targets[roles].ravel(), lengths.ravel())
 
-    def render(self, messages: Iterable[Message]) -> tuple[list[int], list[int]]:
+    def render(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Token ids and loss mask of a whole conversation (already carrying its system turn)."""
-        conversation = self.tokenize(messages)
-        parts: list = []
-        self.frame(parts, conversation)
-        mask = self.mask(conversation.roles, [len(c) for c in conversation.contents])
-        return ids_from_parts(parts).tolist(), mask.tolist()
+        roles, contents = [], []
+        self.tokenize(messages, roles, contents)
+        return self.ids(roles, contents).tolist(), self.mask(roles, self.content_lengths(contents)).tolist()
 
 
-def _id_buffer(ids: list[int]) -> memoryview:
-    return memoryview(array("I", ids))
-
-
-def ids_from_parts(parts: list) -> np.ndarray:
-    """The int32 ids of joined id buffers (Qwen ids are far below 2**31, so uint32 bytes are int32)."""
-    return np.frombuffer(b"".join(parts), dtype=np.uint32).view(np.int32)
+def _id_buffer(ids: list[int]) -> Buffer:
+    return array("I", ids)
 
 
 def turns_that_fit(roles: Sequence[int], lengths: Sequence[int], seq_length: int) -> int:

@@ -1,18 +1,19 @@
 """Turns batches of raw JSON Lines rows into token ids and loss masks (the work a worker process does).
 
-Per row: parse, add the system prompt, render ChatML, and fit overlong conversations to the sequence
-length (truncate at a turn boundary, or drop). A batch comes back as flat numpy arrays plus per-row
-counts, which are cheap to send between processes; rows that are not conversations come back as rejects
-with their reason, in input order.
+Per row: parse and add the system prompt; per batch: tokenize, fit overlong conversations to the
+sequence length (truncate at a turn boundary, or drop), and lay out the ChatML ids and the loss mask.
+A batch comes back as its ids and mask (flat numpy arrays) and a summary: the counts, the length of
+each written conversation, and the rows that are not conversations (rejects, with their reason, in
+input order). The summary is all a worker process sends back; the data goes to a file (``writer``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import compress
 
 import numpy as np
 
-from megatron_qwen.data.chatml import (DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, TokenizedConversation, ids_from_parts,
-                                       turns_that_fit, with_system_prompt)
+from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, turns_that_fit, with_system_prompt
 from megatron_qwen.data.conversations import ConversationError, parse_conversation
 
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -48,14 +49,21 @@ class Reject:
 
 
 @dataclass
-class EncodedBatch:
-    ids: np.ndarray  # int32, the written conversations concatenated
-    mask: np.ndarray  # uint8, same length as ids
+class BatchSummary:
+    """What the main process needs of an encoded batch besides its data: counts, lengths, rejects."""
+    rows: int  # conversations read
     lengths: np.ndarray  # int64, tokens per written conversation
-    rows: int = 0  # conversations read
+    supervised_tokens: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
     rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass
+class EncodedBatch:
+    ids: np.ndarray  # int32, the written conversations concatenated
+    mask: np.ndarray  # uint8, same length as ids
+    summary: BatchSummary
 
 
 class ConversationEncoder:
@@ -65,43 +73,62 @@ class ConversationEncoder:
         self.settings = settings
         self.renderer = ChatMLRenderer(tokenizer, settings.loss_mask)
 
-    def encode_row(self, row: bytes) -> tuple[TokenizedConversation, int, bool] | None:
-        """The tokenized conversation of one row, its token count and whether it was truncated, or None
-        when it is too long and cannot be cut to fit; raises ConversationError for a row that is not a
-        conversation."""
-        messages = with_system_prompt(parse_conversation(row), self.settings.system_prompt)
-        conversation = self.renderer.tokenize(messages)
-        lengths = self.renderer.turn_lengths(conversation)
-        length = sum(lengths)
-        if length <= self.settings.seq_length:
-            return conversation, length, False
-        if self.settings.overlong == "drop":
-            return None
-        kept = turns_that_fit(conversation.roles, lengths, self.settings.seq_length)
-        return (conversation.head(kept), sum(lengths[:kept]), True) if kept else None
-
     def encode_batch(self, rows: list[Row]) -> EncodedBatch:
-        parts: list = []
+        # The batch's turns are gathered flat, so everything after tokenizing is a few numpy calls per
+        # batch rather than Python work per conversation.
         roles: list[int] = []
-        content_lengths: list[int] = []
-        lengths: list[int] = []
-        batch = EncodedBatch(ids=None, mask=None, lengths=None, rows=len(rows))
+        contents: list = []
+        turn_counts: list[int] = []
+        rejects: list[Reject] = []
         for row in rows:
             try:
-                encoded = self.encode_row(row.data)
+                messages = with_system_prompt(parse_conversation(row.data), self.settings.system_prompt)
             except ConversationError as error:
-                batch.rejects.append(Reject(row.source, row.line, str(error), row.data))
+                rejects.append(Reject(row.source, row.line, str(error), row.data))
                 continue
-            if encoded is None:
-                batch.dropped_overlong += 1
-                continue
-            conversation, length, truncated = encoded
-            self.renderer.frame(parts, conversation)
-            roles += conversation.roles
-            content_lengths += map(len, conversation.contents)
-            lengths.append(length)
-            batch.truncated += truncated
-        batch.ids = ids_from_parts(parts)
-        batch.mask = self.renderer.mask(roles, content_lengths)
-        batch.lengths = np.array(lengths, dtype=np.int64)
-        return batch
+            turn_counts.append(self.renderer.tokenize(messages, roles, contents))
+        content_lengths = self.renderer.content_lengths(contents)
+        role_indices = np.array(roles, dtype=np.int64)
+        fitted = self._fit(role_indices, turn_counts, self.renderer.frame_lengths[role_indices] + content_lengths)
+        if fitted.kept_turns is not None:
+            roles = list(compress(roles, fitted.kept_turns))
+            contents = list(compress(contents, fitted.kept_turns))
+            role_indices, content_lengths = role_indices[fitted.kept_turns], content_lengths[fitted.kept_turns]
+        mask = self.renderer.mask(role_indices, content_lengths)
+        summary = BatchSummary(rows=len(rows), lengths=fitted.lengths, supervised_tokens=int(np.count_nonzero(mask)),
+                               truncated=fitted.truncated, dropped_overlong=fitted.dropped, rejects=rejects)
+        return EncodedBatch(self.renderer.ids(roles, contents), mask, summary)
+
+    def _fit(self, roles: np.ndarray, turn_counts: list[int], turn_lengths: np.ndarray) -> _Fitted:
+        """Fit the batch's conversations to the sequence length: truncate each overlong one at a turn
+        boundary (or drop it, with ``overlong="drop"`` or when no exchange fits)."""
+        if not turn_counts:
+            return _Fitted(None, np.zeros(0, dtype=np.int64))
+        starts = np.cumsum(turn_counts) - turn_counts
+        lengths = np.add.reduceat(turn_lengths, starts)
+        overlong = np.flatnonzero(lengths > self.settings.seq_length)
+        if not len(overlong):
+            return _Fitted(None, lengths)
+        kept_turns = np.ones(len(turn_lengths), dtype=bool)
+        written = np.ones(len(lengths), dtype=bool)
+        truncated = 0
+        for conversation in overlong.tolist():
+            turns = slice(starts[conversation], starts[conversation] + turn_counts[conversation])
+            kept = 0
+            if self.settings.overlong == "truncate":
+                kept = turns_that_fit(roles[turns].tolist(), turn_lengths[turns].tolist(), self.settings.seq_length)
+            kept_turns[turns.start + kept:turns.stop] = False
+            if kept:
+                lengths[conversation] = turn_lengths[turns.start:turns.start + kept].sum()
+                truncated += 1
+            else:
+                written[conversation] = False
+        return _Fitted(kept_turns, lengths[written], truncated, len(overlong) - truncated)
+
+
+@dataclass
+class _Fitted:
+    kept_turns: np.ndarray | None  # bool per turn; None when every turn is kept
+    lengths: np.ndarray  # tokens per written conversation
+    truncated: int = 0
+    dropped: int = 0

@@ -1,13 +1,16 @@
 """Runs a whole preprocessing job: read rows, encode them in worker processes, write the dataset.
 
-Batches go to the workers and come back in input order through a bounded window, so memory stays
-bounded whatever the input size and the output is byte-identical for any number of workers. With
-``on_error="fail"`` the first bad row stops the run, naming its file and line, and nothing is written
-under PREFIX; with ``"skip"`` bad rows go to ``PREFIX_rejects.jsonl`` with their reasons.
+Batches go to the workers, which write their data to batch files; their summaries come back in input
+order through a bounded window and the batch files are appended in that order, so memory (and disk
+beyond the output) stays bounded whatever the input size and the output is byte-identical for any
+number of workers. With ``on_error="fail"`` the first bad row stops the run, naming its file and line,
+and nothing is written under PREFIX; with ``"skip"`` bad rows go to ``PREFIX_rejects.jsonl`` with
+their reasons.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing
 import time
 from dataclasses import dataclass
@@ -17,10 +20,11 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from megatron_qwen.data.dataset_files import StagedDataset
-from megatron_qwen.data.encode import ConversationEncoder, EncodedBatch, EncodeSettings
+from megatron_qwen.data.encode import BatchSummary, ConversationEncoder, EncodeSettings, Row
 from megatron_qwen.data.sources import BATCH_BYTES, read_batches
 from megatron_qwen.data.stats import DatasetStats
 from megatron_qwen.data.tokenizer import load_tokenizer
+from megatron_qwen.data.writer import DatasetWriter, write_batch_file
 
 ON_ERROR = ("fail", "skip")
 STATS_FORMAT = "megatron-qwen-sft-dataset/1"
@@ -59,25 +63,23 @@ def run(job: PreprocessJob) -> dict:
     staging = StagedDataset(job.output_prefix)
     writer = None
     try:
-        with _encoded_batches(encoder, job) as batches, \
+        with _encoded_batches(_BatchFileEncoder(encoder, staging.folder), job) as summaries, \
                 tqdm(disable=not job.progress or None, unit=" conv", dynamic_ncols=True) as bar:
             started = time.perf_counter()
-            for batch in batches:
+            for number, summary in enumerate(summaries):
                 if writer is None:  # megatron-core is imported only once the workers are busy
-                    from megatron_qwen.data.writer import DatasetWriter
                     writer = DatasetWriter(staging, job.inputs)
-                if batch.rejects:
+                if summary.rejects:
                     if job.on_error == "fail":
-                        first = batch.rejects[0]
+                        first = summary.rejects[0]
                         raise InputError(f"{job.inputs[first.source]}:{first.line}: {first.reason}")
-                    writer.add_rejects(batch)
-                writer.add(batch)
-                stats.add(batch)
-                bar.update(batch.rows)
+                    writer.add_rejects(summary.rejects)
+                writer.add(number, summary)
+                stats.add(summary)
+                bar.update(summary.rows)
                 bar.set_postfix_str(f"{stats.tokens / max(time.perf_counter() - started, 1e-9) / 1e6:.2f}M tok/s",
                                     refresh=False)
         if writer is None:
-            from megatron_qwen.data.writer import DatasetWriter
             writer = DatasetWriter(staging, job.inputs)
         writer.finalize()
         result = {"format": STATS_FORMAT, **stats.to_dict(), "provenance": provenance(tokenizer, job.settings),
@@ -96,27 +98,40 @@ def provenance(tokenizer, settings: EncodeSettings) -> dict:
             "overlong": settings.overlong}
 
 
-class _encoded_batches:
-    """Context manager yielding encoded batches in input order, from a pool of ``workers`` processes
-    (or in this process for one worker)."""
+class _BatchFileEncoder:
+    """Encodes a numbered batch of rows, writes its data to its batch file and returns its summary: the
+    work of a worker process."""
 
-    def __init__(self, encoder: ConversationEncoder, job: PreprocessJob):
-        self.encoder, self.job, self.workers = encoder, job, job.workers
+    def __init__(self, encoder: ConversationEncoder, folder: Path):
+        self.encoder, self.folder = encoder, folder
+
+    def __call__(self, number: int, rows: list[Row]) -> BatchSummary:
+        batch = self.encoder.encode_batch(rows)
+        write_batch_file(self.folder, number, batch)
+        return batch.summary
+
+
+class _encoded_batches:
+    """Context manager yielding the summaries of the encoded batches in input order (their data waits in
+    batch files), from a pool of ``workers`` processes (or from this process for one worker)."""
+
+    def __init__(self, encode: _BatchFileEncoder, job: PreprocessJob):
+        self.encode, self.job, self.workers = encode, job, job.workers
         self.pool = None
 
-    def __enter__(self) -> Iterator[EncodedBatch]:
-        rows = read_batches(self.job.inputs, self.job.batch_bytes)
+    def __enter__(self) -> Iterator[BatchSummary]:
+        numbered = enumerate(read_batches(self.job.inputs, self.job.batch_bytes))
         if self.workers == 1:
-            return map(self.encoder.encode_batch, rows)
+            return itertools.starmap(self.encode, numbered)
         # fork: workers inherit the loaded tokenizer instead of loading it again.
         context = multiprocessing.get_context("fork")
-        self.pool = context.Pool(self.workers, initializer=_set_worker_encoder, initargs=(self.encoder,))
-        return self._ordered(rows)
+        self.pool = context.Pool(self.workers, initializer=_set_worker_encoder, initargs=(self.encode,))
+        return self._ordered(numbered)
 
-    def _ordered(self, rows) -> Iterator[EncodedBatch]:
+    def _ordered(self, numbered) -> Iterator[BatchSummary]:
         window = collections.deque()
-        for batch in rows:
-            window.append(self.pool.apply_async(_encode_in_worker, (batch,)))
+        for number, rows in numbered:
+            window.append(self.pool.apply_async(_encode_in_worker, (number, rows)))
             if len(window) >= 4 * self.workers:
                 yield window.popleft().get()
         while window:
@@ -128,13 +143,13 @@ class _encoded_batches:
             self.pool.join()
 
 
-_worker_encoder: ConversationEncoder | None = None
+_worker_encode: _BatchFileEncoder | None = None
 
 
-def _set_worker_encoder(encoder: ConversationEncoder) -> None:
-    global _worker_encoder
-    _worker_encoder = encoder
+def _set_worker_encoder(encode: _BatchFileEncoder) -> None:
+    global _worker_encode
+    _worker_encode = encode
 
 
-def _encode_in_worker(rows) -> EncodedBatch:
-    return _worker_encoder.encode_batch(rows)
+def _encode_in_worker(number: int, rows: list[Row]) -> BatchSummary:
+    return _worker_encode(number, rows)

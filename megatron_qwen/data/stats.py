@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_qwen.data.encode import EncodedBatch
+from megatron_qwen.data.encode import BatchSummary
 
 
 class DatasetStats:
@@ -21,14 +21,14 @@ class DatasetStats:
         self.supervised_tokens = 0
         self.length_histogram = np.zeros(seq_length + 1, dtype=np.int64)
 
-    def add(self, batch: EncodedBatch) -> None:
+    def add(self, batch: BatchSummary) -> None:
         self.read += batch.rows
         self.written += len(batch.lengths)
         self.rejected += len(batch.rejects)
         self.dropped_overlong += batch.dropped_overlong
         self.truncated += batch.truncated
-        self.tokens += len(batch.ids)
-        self.supervised_tokens += int(np.count_nonzero(batch.mask))
+        self.tokens += int(batch.lengths.sum())
+        self.supervised_tokens += batch.supervised_tokens
         self.length_histogram += np.bincount(batch.lengths, minlength=len(self.length_histogram))
 
     def percentile(self, q: float) -> int:

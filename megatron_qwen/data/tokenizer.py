@@ -25,7 +25,7 @@ import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from unicodedata import is_normalized, normalize
 
 import tiktoken
@@ -42,6 +42,10 @@ HF_TOKENIZER_JSON = "tokenizer.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                       "special_tokens_map.json", "added_tokens.json")
 QWEN_TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "tokenization_qwen.py")
+# What ``encode_ids`` returns: any bytes-like object holding native uint32 ids, ID_BYTES bytes each
+# (typing has no name for "bytes-like" before Python 3.12).
+Buffer = Any
+ID_BYTES = 4
 
 
 class TokenizerError(ValueError):
@@ -59,9 +63,9 @@ class ChatTokenizer:
     sha256: str
     vocab_size: int
     token_ids: dict[str, int]  # every control / added token by its text
-    # ``encode`` as a buffer of native uint32 ids (format "I", ``len`` = number of tokens): the fast
-    # path, which never builds Python ints for the tokens.
-    encode_ids: Callable[[str], memoryview] = field(repr=False)
+    # ``encode`` as a Buffer (``b"".join`` them; ``memoryview(ids).nbytes // ID_BYTES`` counts the ids):
+    # the fast path, which never builds Python ints for the tokens.
+    encode_ids: Callable[[str], Buffer] = field(repr=False)
     _decode: Callable[[list[int]], str] = field(repr=False)
 
     @property
@@ -78,7 +82,7 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of message text; control tokens are never produced from text."""
-        return self.encode_ids(text).tolist()
+        return memoryview(self.encode_ids(text)).cast("B").cast("I").tolist()
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
@@ -132,25 +136,25 @@ def _tiktoken_codec(encoding: tiktoken.Encoding, ordinary_added: dict[str, int])
     # degenerates to an empty pattern that matches at every position.)
     to_buffer, no_specials = encoding._core_bpe.encode_to_tiktoken_buffer, frozenset()
 
-    def encode_ordinary(text: str) -> memoryview:
+    def encode_ordinary(text: str) -> Buffer:
         # NFC (as Qwen's tokenizer code and tokenizer.json do); is_normalized is a fast scan and most
-        # text is already NFC. The buffer reports its shape in bytes, not ids (tiktoken 0.14), so it
-        # is re-cast to get the length right.
+        # text is already NFC. The buffer goes out as it is (a Buffer): it gives its shape in bytes,
+        # not ids (tiktoken 0.14), so ids are counted by their bytes.
         if not is_normalized("NFC", text):
             text = normalize("NFC", text)
-        return memoryview(to_buffer(text, no_specials)).cast("B").cast("I")
+        return to_buffer(text, no_specials)
 
     if ordinary_added:
         alternatives = sorted(ordinary_added, key=len, reverse=True)
         splitter = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
-        added_ids = {t: memoryview(array("I", [i])) for t, i in ordinary_added.items()}
+        added_ids = {t: array("I", [i]) for t, i in ordinary_added.items()}
 
-        def encode(text: str) -> memoryview:
+        def encode(text: str) -> Buffer:
             pieces = splitter.split(text)
             if len(pieces) == 1:
                 return encode_ordinary(text)
-            return memoryview(b"".join(added_ids[piece] if i % 2 else encode_ordinary(piece)
-                                       for i, piece in enumerate(pieces))).cast("I")
+            return b"".join(added_ids[piece] if i % 2 else encode_ordinary(piece)
+                            for i, piece in enumerate(pieces))
     else:
         encode = encode_ordinary
 
@@ -277,8 +281,8 @@ def _hf_via_tokenizers(raw: bytes):
     hf = Tokenizer.from_str(raw.decode("utf-8"))
     hf.encode_special_tokens = True  # special tokens in text stay text; ordinary added tokens still match
 
-    def encode(text: str) -> memoryview:
-        return memoryview(array("I", hf.encode(text, add_special_tokens=False).ids))
+    def encode(text: str) -> Buffer:
+        return array("I", hf.encode(text, add_special_tokens=False).ids)
 
     def decode(ids: list[int]) -> str:
         return hf.decode(ids, skip_special_tokens=False)

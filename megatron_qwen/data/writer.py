@@ -1,5 +1,11 @@
 """Writes encoded batches as two megatron-core indexed datasets (token ids and loss mask) and rejects.
 
+A worker process writes each batch's ids and mask to a batch file in the staging folder
+(``write_batch_file``), already in the datasets' binary form, and sends back only the batch's summary.
+The main process appends the batch files to the two ``.bin`` files in input order with in-kernel
+copies (``DatasetWriter.add``) and keeps the index: token data never passes through it, so its share
+of the work stays small while the workers encode.
+
 megatron-core is imported here, on first use, because importing it costs seconds of start-up that a
 run should pay only once it has data to write (and after its worker processes have started).
 """
@@ -7,14 +13,29 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
 from megatron_qwen.data.dataset_files import StagedDataset, loss_mask_prefix, rejects_path, text_prefix
-from megatron_qwen.data.encode import EncodedBatch
+from megatron_qwen.data.encode import BatchSummary, EncodedBatch, Reject
+
+TOKEN_DTYPE, MASK_DTYPE = np.dtype(np.int32), np.dtype(np.uint8)
+
+
+def batch_file(folder: Path, number: int) -> Path:
+    """Where the batch with this number (its position in the input) waits for the main process."""
+    return folder / f"batch-{number:09d}"
+
+
+def write_batch_file(folder: Path, number: int, batch: EncodedBatch) -> None:
+    """The batch's ids then its mask, as the ``.bin`` files hold them (int32 and uint8)."""
+    with open(batch_file(folder, number), "wb") as file:
+        file.write(batch.ids)
+        file.write(batch.mask)
 
 
 class DatasetWriter:
@@ -31,25 +52,31 @@ class DatasetWriter:
         self.sources = sources
         self._text_path = staging.staged(text_prefix(staging.prefix))
         self._mask_path = staging.staged(loss_mask_prefix(staging.prefix))
-        self._text = IndexedDatasetBuilder(f"{self._text_path}.bin", dtype=np.int32)
-        self._mask = IndexedDatasetBuilder(f"{self._mask_path}.bin", dtype=np.uint8)
+        self._text = IndexedDatasetBuilder(f"{self._text_path}.bin", dtype=TOKEN_DTYPE.type)
+        self._mask = IndexedDatasetBuilder(f"{self._mask_path}.bin", dtype=MASK_DTYPE.type)
         self._rejects = None
 
-    def add(self, batch: EncodedBatch) -> None:
-        """One document per conversation in each dataset, with identical lengths."""
-        lengths = batch.lengths.tolist()
-        for builder, values in ((self._text, batch.ids), (self._mask, batch.mask)):
+    def add(self, number: int, summary: BatchSummary) -> None:
+        """Append batch file ``number`` (then remove it): one document per conversation in each dataset,
+        with identical lengths."""
+        path = batch_file(self.staging.folder, number)
+        tokens = int(summary.lengths.sum())
+        with open(path, "rb") as source:
+            _append(source, 0, tokens * TOKEN_DTYPE.itemsize, self._text.data_file)
+            _append(source, tokens * TOKEN_DTYPE.itemsize, tokens * MASK_DTYPE.itemsize, self._mask.data_file)
+        path.unlink()
+        # The builders' data files only ever receive these copies; their indexes get what add_document
+        # would have recorded for one document per conversation.
+        lengths = summary.lengths.tolist()
+        for builder in (self._text, self._mask):
             first = len(builder.sequence_lengths)
-            # One call per batch (not per conversation) keeps this process's share of the work small;
-            # add_document makes the batch a single document, so its index then gets one entry per
-            # conversation, exactly what per-conversation calls would have left.
-            builder.add_document(values, lengths)
-            builder.document_indices[-1:] = range(first + 1, first + len(lengths) + 1)
+            builder.sequence_lengths.extend(lengths)
+            builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
 
-    def add_rejects(self, batch: EncodedBatch) -> None:
+    def add_rejects(self, rejects: Sequence[Reject]) -> None:
         if self._rejects is None:
             self._rejects = open(self.staging.staged(rejects_path(self.staging.prefix)), "w", encoding="utf-8")
-        for reject in batch.rejects:
+        for reject in rejects:
             record = {"file": str(self.sources[reject.source]), "line": reject.line, "reason": reject.reason,
                       "row": reject.data.decode("utf-8", errors="replace")}
             self._rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -63,3 +90,18 @@ class DatasetWriter:
         for stream in (self._text.data_file, self._mask.data_file, self._rejects):
             if stream is not None:
                 stream.close()
+
+
+def _append(source: BinaryIO, offset: int, count: int, target: BinaryIO) -> None:
+    """Copy ``count`` bytes of ``source`` from ``offset`` to the end of ``target``: inside the kernel with
+    sendfile on Linux, through a buffer elsewhere (sendfile writes only to sockets there)."""
+    try:
+        while count:
+            sent = os.sendfile(target.fileno(), source.fileno(), offset, count)
+            if not sent:
+                raise EOFError(f"{source.name} ends {count} bytes early")
+            offset, count = offset + sent, count - sent
+    except OSError:
+        source.seek(offset)
+        target.write(source.read(count))
+        target.flush()
