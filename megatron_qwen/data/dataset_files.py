@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 TEXT_SUFFIX = "_text_document"
@@ -45,6 +46,15 @@ def rejects_path(prefix: str | Path) -> Path:
 def data_files(prefix: str | Path) -> list[Path]:
     """The indexed-dataset files, in the order they are committed."""
     return [Path(p + ext) for p in (text_prefix(prefix), loss_mask_prefix(prefix)) for ext in (".bin", ".idx")]
+
+
+def indexed_dataset_module():
+    """megatron-core's ``indexed_dataset`` module, imported when first needed (the import costs seconds)
+    and without its optional-dependency warnings, which concern training, not reading or writing data."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def read_stats(prefix: str | Path) -> dict:

@@ -6,11 +6,10 @@ between ``[[`` and ``]]`` otherwise.
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import numpy as np
 
-from megatron_qwen.data.dataset_files import loss_mask_prefix, read_stats, text_prefix
+from megatron_qwen.data.dataset_files import indexed_dataset_module, loss_mask_prefix, read_stats, text_prefix
 
 SUPERVISED_COLOUR, RESET = "\033[1;32m", "\033[0m"
 OPEN_MARK, CLOSE_MARK = "[[", "]]"
@@ -19,9 +18,7 @@ OPEN_MARK, CLOSE_MARK = "[[", "]]"
 def open_dataset(prefix):
     """The (token ids, loss mask) IndexedDatasets of a complete dataset, and its stats."""
     stats = read_stats(prefix)
-    with warnings.catch_warnings():  # optional-dependency warnings concern training, not reading
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    IndexedDataset = indexed_dataset_module().IndexedDataset
     return IndexedDataset(text_prefix(prefix)), IndexedDataset(loss_mask_prefix(prefix)), stats
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from megatron_qwen.data.dataset_files import StagedDataset, loss_mask_prefix, rejects_path, text_prefix
+from megatron_qwen.data.dataset_files import (StagedDataset, indexed_dataset_module, loss_mask_prefix, rejects_path,
+                                              text_prefix)
 from megatron_qwen.data.encode import BatchSummary, EncodedBatch, Reject
 
 TOKEN_DTYPE, MASK_DTYPE = np.dtype(np.int32), np.dtype(np.uint8)
@@ -40,9 +40,7 @@ def write_batch_file(folder: Path, number: int, batch: EncodedBatch) -> None:
 
 class DatasetWriter:
     def __init__(self, staging: StagedDataset, sources: Sequence[Path]):
-        with warnings.catch_warnings():  # its optional-dependency warnings concern training, not this
-            warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
         # That import leaves about a million objects (torch, megatron) for the cyclic garbage collector,
         # which would rescan them at every full collection while batches stream through; none of them
         # are garbage, so they are moved out of its sight.
