@@ -14,14 +14,7 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import fused
-from megatron_qwen.checkpoint.mapping import (
-    EMBEDDING,
-    FINAL_NORM,
-    OUTPUT_LAYER,
-    Entry,
-    MegatronLayer,
-    rename,
-)
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen"
@@ -34,12 +27,7 @@ def entries(cfg: QwenConfig) -> Iterator[Entry]:
             f"the first-generation layout has one key/value head per query head; {cfg.name} has "
             f"{cfg.num_query_groups} query groups for {cfg.num_attention_heads} heads: use --format qwen2"
         )
-    yield rename(EMBEDDING, "transformer.wte.weight")
-    for index in range(cfg.num_layers):
-        yield from _layer_entries(cfg, index)
-    yield rename(FINAL_NORM, "transformer.ln_f.weight")
-    if not cfg.tied_embeddings:
-        yield rename(OUTPUT_LAYER, "lm_head.weight")
+    yield from model_entries(cfg, "transformer.wte.weight", "transformer.ln_f.weight", _layer_entries)
 
 
 def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
@@ -62,7 +50,6 @@ def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
         split=fused.split_gate_up,
     )
     yield rename(layer.fc2, hf + "mlp.c_proj.weight")
-
 
 
 def hf_config(cfg: QwenConfig, dtype: torch.dtype) -> dict:

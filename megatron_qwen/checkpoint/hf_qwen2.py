@@ -13,29 +13,16 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import fused
-from megatron_qwen.checkpoint.mapping import (
-    EMBEDDING,
-    FINAL_NORM,
-    OUTPUT_LAYER,
-    Entry,
-    MegatronLayer,
-    rename,
-)
+from megatron_qwen.checkpoint.hf_chat import ENDOFTEXT_ID, IM_END_ID
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen2"
-BOS_ID = 151643  # <|endoftext|>
-CHAT_EOS_ID = 151645  # <|im_end|>
 
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
-    yield rename(EMBEDDING, "model.embed_tokens.weight")
-    for index in range(cfg.num_layers):
-        yield from _layer_entries(cfg, index)
-    yield rename(FINAL_NORM, "model.norm.weight")
-    if not cfg.tied_embeddings:
-        yield rename(OUTPUT_LAYER, "lm_head.weight")
+    yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", _layer_entries)
 
 
 def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
@@ -58,7 +45,6 @@ def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
         split=fused.split_gate_up,
     )
     yield rename(layer.fc2, hf + "mlp.down_proj.weight")
-
 
 
 def hf_config(cfg: QwenConfig, dtype: torch.dtype) -> dict:
@@ -84,8 +70,8 @@ def hf_config(cfg: QwenConfig, dtype: torch.dtype) -> dict:
         "max_window_layers": cfg.num_layers,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": CHAT_EOS_ID,
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
         "dtype": str(dtype).removeprefix("torch."),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }

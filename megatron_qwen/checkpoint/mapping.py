@@ -13,11 +13,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from megatron_qwen.models.presets import QwenConfig
+
 Read = Callable[[str], torch.Tensor]
 
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
+HF_OUTPUT_LAYER = "lm_head.weight"  # the same name in both Hugging Face layouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,22 @@ def rename(megatron: str, hf: str) -> Entry:
     return Entry(megatron, (hf,))
 
 
+def model_entries(
+    cfg: QwenConfig,
+    embedding: str,
+    final_norm: str,
+    layer_entries: Callable[[QwenConfig, int], Iterable[Entry]],
+) -> Iterator[Entry]:
+    """A whole model's table in checkpoint order: the embedding, each layer's entries, the final
+    norm, and the output layer unless it is tied to the embedding."""
+    yield rename(EMBEDDING, embedding)
+    for index in range(cfg.num_layers):
+        yield from layer_entries(cfg, index)
+    yield rename(FINAL_NORM, final_norm)
+    if not cfg.tied_embeddings:
+        yield rename(OUTPUT_LAYER, HF_OUTPUT_LAYER)
+
+
 def to_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) for each entry, reading its Hugging Face tensors only when reached."""
     for entry in entries:
@@ -98,4 +117,4 @@ def from_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, t
 def ignorable(tied_embeddings: bool, name: str) -> bool:
     """Tensors a published checkpoint of either generation may carry that the model does not need:
     RoPE's precomputed frequencies, and ``lm_head.weight`` next to tied embeddings."""
-    return (tied_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
+    return (tied_embeddings and name == HF_OUTPUT_LAYER) or name.endswith("rotary_emb.inv_freq")
