@@ -61,6 +61,7 @@ def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_qwen.checkpoint import layout, verify
+    from megatron_qwen.models.spec import default_layer_impl
     from megatron_qwen.platform import distributed
 
     iteration_dir = layout.resolve_iteration(args.mcore_dir, args.iteration)
@@ -69,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     tolerance = verify.Tolerance(logits=args.logits_tolerance or standard.logits,
                                  loss=args.loss_tolerance or standard.loss)
     prompts = _read_token_ids(args.token_ids) if args.token_ids else verify.default_prompts(iteration_dir)
+    layer_impl = args.layer_impl or default_layer_impl()
     distributed.initialize(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     try:
-        cfg, model = verify.load_megatron(iteration_dir, dtype, args.layer_impl or _default_layer_impl())
+        cfg, model = verify.load_megatron(iteration_dir, dtype, layer_impl)
         _check_ids(prompts, cfg.vocab_size)
         megatron = [verify.megatron_logits(model, cfg, ids) for ids in prompts]
         passed = True
@@ -80,16 +82,10 @@ def run(args: argparse.Namespace) -> int:
             reference = verify.load_transformers(args.hf_dir, dtype)
             differences = [verify.difference(verify.transformers_logits(reference, ids), logits, ids)
                            for ids, logits in zip(prompts, megatron)]
-            passed = _report(args, dtype, differences, tolerance)
+            passed = _report(args, dtype, layer_impl, differences, tolerance)
         return 0 if _all_ranks_agree(passed) else 1
     finally:
         distributed.destroy()
-
-
-def _default_layer_impl() -> str:
-    from megatron_qwen.models.spec import transformer_engine_available
-
-    return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
 
 
 def _read_token_ids(path: str) -> list[list[int]]:
@@ -107,13 +103,13 @@ def _check_ids(prompts: list[list[int]], vocab_size: int) -> None:
                          f"pass prompts that fit with --token-ids")
 
 
-def _report(args, dtype, differences, tolerance) -> bool:
+def _report(args, dtype, layer_impl, differences, tolerance) -> bool:
     worst_logits = max(d.logits for d in differences)
     worst_loss = max(d.loss for d in differences)
     tokens = sum(d.tokens for d in differences)
     passed = all(d.within(tolerance) for d in differences)
     print(f"verify_conversion: {len(differences)} prompts, {tokens} tokens, TP={args.tp} PP={args.pp}, "
-          f"dtype={str(dtype).removeprefix('torch.')}, layer_impl={args.layer_impl or _default_layer_impl()}")
+          f"dtype={str(dtype).removeprefix('torch.')}, layer_impl={layer_impl}")
     print(f"  max |logits difference|         {worst_logits:.3e}  (tolerance {tolerance.logits:.0e})")
     print(f"  max |per-token loss difference| {worst_loss:.3e}  (tolerance {tolerance.loss:.0e})")
     print("  PASS" if passed else "  FAIL: the megatron-core checkpoint does not reproduce the Hugging Face model")

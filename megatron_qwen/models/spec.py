@@ -8,6 +8,7 @@ linear layers' names), so a checkpoint saved with one loads with the other.
 """
 from __future__ import annotations
 
+import torch
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -20,6 +21,11 @@ LAYER_IMPLS = ("local", "te")
 
 def transformer_engine_available() -> bool:
     return gpt_layer_specs.HAVE_TE
+
+
+def default_layer_impl() -> str:
+    """Transformer Engine's layers on a GPU that has it, megatron's local spec with ours elsewhere."""
+    return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
 
 
 def local_layer_spec() -> ModuleSpec:

@@ -160,11 +160,11 @@ def collate(
             loss_mask.append(segment_mask)
             segment_lengths.append(len(segment_tokens))
             positions.append(np.arange(len(segment_tokens)))
-    batch_rows = 1 if mode == "pack" else len(rows)
-    as_batch = lambda parts: torch.from_numpy(np.concatenate(parts)).reshape(batch_rows, -1)  # noqa: E731
-    if mode == "pad":
-        positions = [np.arange(seq_length)] * len(rows)
     packed = mode == "pack"
+    batch_rows = 1 if packed else len(rows)
+    as_batch = lambda parts: torch.from_numpy(np.concatenate(parts)).reshape(batch_rows, -1)  # noqa: E731
+    if not packed:  # a padded row's positions run on through its padding
+        positions = [np.arange(seq_length)] * len(rows)
     return MicroBatch(
         tokens=as_batch(tokens),
         labels=as_batch(labels),

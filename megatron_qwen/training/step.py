@@ -73,7 +73,8 @@ def run_schedule(chunks: list, micro_batches: list[MicroBatch], shape: ScheduleS
 def _loss_everywhere(forward_data_store: list) -> float:
     """The global batch's token-weighted loss, computed on the last stage and sent to every stage."""
     loss = global_batch_loss(forward_data_store, parallel_state.get_data_parallel_group())
-    value = torch.full((1,), float("nan") if loss is None else loss.item(), device=device())
+    # kept a tensor until the end: one host sync per call, not one before the broadcast and one after
+    value = torch.full((1,), float("nan"), device=device()) if loss is None else loss.reshape(1).float()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             value,

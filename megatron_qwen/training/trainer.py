@@ -21,7 +21,7 @@ from megatron_qwen.checkpoint import layout
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model, transformer_config
 from megatron_qwen.models.presets import PRESETS
-from megatron_qwen.models.spec import transformer_engine_available
+from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing, faults
 from megatron_qwen.training.config import RunConfig
@@ -38,15 +38,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
 
 
-def layer_impl() -> str:
-    """Transformer Engine's layers on a GPU that has it, megatron's local spec with ours elsewhere."""
-    return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
-
-
 def build_chunks(model, config: RunConfig) -> list:
     """This rank's model chunks (one, or ``virtual_pipeline`` for the interleaved schedule)."""
     settings, parallel = config.model, config.parallel
-    impl = layer_impl()
+    impl = default_layer_impl()
     if settings.fp8 and impl != "te":
         raise ValueError("--fp8 needs Transformer Engine on a GPU, which is not available here")
     bf16 = settings.precision == "bf16"
