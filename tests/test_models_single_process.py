@@ -117,3 +117,11 @@ def test_activation_recomputation_with_dropout_reproduces_gradients(results, gra
     check = results["recompute"]
     assert check["gradient_scale"] > 1e-3
     assert check[granularity] == 0.0
+
+
+def test_gpu_kernel_fusions_compile_and_match_the_unfused_layers(results):
+    check = results["fused_kernels"]
+    assert check["compiled_graphs"] >= 2  # SwiGLU and bias-dropout-add went through torch.compile
+    assert check["gradient_scale"] > 1e-3
+    assert check["loss_diff"] < 1e-6
+    assert check["grad_max_diff"] < 1e-5 * check["gradient_scale"]

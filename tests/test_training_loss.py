@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_torchrun
 
-from megatron_qwen.training.loss import LOG_KEY, global_batch_loss, loss_func, masked_loss_sum, require_per_token_loss
+from megatron_qwen.training.loss import LOG_KEY, global_batch_totals, loss_func, masked_loss_sum, require_per_token_loss
 
 
 def test_loss_func_returns_sum_count_and_logged_pair():
@@ -19,7 +19,7 @@ def test_loss_func_returns_sum_count_and_logged_pair():
     assert per_token.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]  # unscaled: megatron divides by the global count
 
 
-def test_global_batch_loss_weights_every_supervised_token_equally():
+def test_global_batch_totals_weight_every_supervised_token_equally():
     # Micro-batches with 1, 3 and 0 supervised tokens: losses 9 | 1, 2, 3 | (none).
     micro_batches = [
         (torch.tensor([9.0, 5.0]), torch.tensor([1.0, 0.0])),
@@ -27,8 +27,9 @@ def test_global_batch_loss_weights_every_supervised_token_equally():
         (torch.tensor([7.0]), torch.tensor([0.0])),
     ]
     store = [loss_func(mask, losses)[2] for losses, mask in micro_batches]
-    assert global_batch_loss(store).item() == pytest.approx((9 + 1 + 2 + 3) / 4)  # 3.75, not mean of means 5.5
-    assert global_batch_loss([]) is None  # not the last pipeline stage
+    loss_sum, supervised = global_batch_totals(store).tolist()
+    assert supervised == 4 and loss_sum / supervised == pytest.approx((9 + 1 + 2 + 3) / 4)  # not mean of means 5.5
+    assert global_batch_totals([]) is None  # not the last pipeline stage
     assert masked_loss_sum(torch.ones(2, 3), torch.zeros(2, 3))[1].item() == 0
 
 

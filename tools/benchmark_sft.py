@@ -31,8 +31,9 @@ processed over all its steps, which must be equal.
 Reported after the warm-up updates, per row: median step time, non-padding tokens/s per GPU, model TFLOP/s per
 GPU and MFU (``training/flops.py``, the trainer's own formula; against ``--peak-tflops``, default the H100 SXM
 dense bf16 peak), peak device memory (on the CPU the process's peak resident set, which only grows), and the
-optimizer implementation that ran. Also the bf16 matrix-multiply rate measured on the same device in the same
-run, and versions, device, command and date. ``--json FILE`` writes the same numbers.
+optimizer implementation that ran; per preset, the row fill (non-padding positions over rows x sequence length
+of the timed updates, the same for both rows). Also the bf16 matrix-multiply rate measured on the same device in
+the same run, and versions, device, command and date. ``--json FILE`` writes the same numbers.
 """
 from __future__ import annotations
 
@@ -444,9 +445,11 @@ def main(argv=None) -> int:
             if rank == 0:
                 summaries = [row.summary(model, args.seq_length, args.warmup, world, args.peak_tflops) for row in rows]
                 ratio = summaries[0]["tokens_per_s_per_gpu"] / summaries[1]["tokens_per_s_per_gpu"]
-                report["runs"].append(
-                    {"preset": preset, "world_size": world, "rows": summaries, "ours_over_peer_tokens_per_s": ratio}
-                )
+                positions = args.steps * args.global_batch_size * args.seq_length  # both rows saw the same rows
+                report["runs"].append({
+                    "preset": preset, "world_size": world, "rows": summaries, "ours_over_peer_tokens_per_s": ratio,
+                    "row_fill": sum(ours.tokens[args.warmup :]) / positions,
+                })
     say(f"\n# SFT training throughput, {header['date']}")
     say(f"command: {header['command']}")
     say(f"device: {header['device']}; bf16 matmul {header['matmul_bf16_tflops']:.4g} TFLOP/s measured "
@@ -460,6 +463,7 @@ def main(argv=None) -> int:
         say(f"\n## {result['preset']} ({result['world_size']} GPU(s) / processes)")
         say(table(result["rows"]))
         say(f"ours/peer tokens/s: {result['ours_over_peer_tokens_per_s']:.3f}")
+        say(f"row fill: {result['row_fill']:.1%} of the positions of the timed updates are non-padding tokens")
     if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -23,7 +23,7 @@ REJECTS_SUFFIX = "_rejects.jsonl"
 _STAGING_MARK = ".partial-"
 
 
-class DatasetFilesError(RuntimeError):
+class DatasetFilesError(ValueError):
     """A dataset that is missing, incomplete, or does not match its stats file."""
 
 
@@ -58,12 +58,19 @@ def indexed_dataset_module():
 
 
 def read_stats(prefix: str | Path) -> dict:
-    """The stats of a complete dataset; raises DatasetFilesError if it is missing or incomplete."""
+    """The stats of a complete dataset; ``DatasetFilesError`` naming the file when the stats file is missing or
+    unreadable, or another file of the dataset is missing or not the size the stats recorded."""
     path = stats_path(prefix)
     if not path.is_file():
-        raise DatasetFilesError(f"no dataset at {prefix}: {path} is missing (run tools/preprocess_chatml.py)")
-    stats = json.loads(path.read_text(encoding="utf-8"))
-    for name, size in stats["files"].items():
+        raise DatasetFilesError(f"{path}: missing; every dataset PREFIX needs it (run tools/preprocess_chatml.py)")
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetFilesError(f"{path}: unreadable ({error})") from error
+    files = stats.get("files") if isinstance(stats, dict) else None
+    if not isinstance(files, dict):
+        raise DatasetFilesError(f"{path}: records no file sizes; rebuild the dataset with tools/preprocess_chatml.py")
+    for name, size in files.items():
         file = path.parent / name
         if not file.is_file() or file.stat().st_size != size:
             raise DatasetFilesError(f"dataset {prefix} is incomplete: {file} is missing or not {size} bytes")

@@ -145,9 +145,10 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(hidden_states.dtype)
+        # torch's rms_norm normalizes in float32 and, on CUDA, runs one fused kernel each way (the Python
+        # formula is ~7 kernels forward and ~12 backward, 57 times per pass). It applies the weight before the
+        # one rounding to bf16, where Qwen's reference rounds first: at most one bf16 ulp apart, equal in fp32.
+        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
 
 
 class FinalRMSNorm(EmptyExtraState, RMSNorm):

@@ -1,13 +1,12 @@
 """The pre-training check of each dataset against the run: ``PREFIX_stats.json`` provenance and the token ids.
 
 A dataset tokenized with another tokenizer, holding ids the embedding has no row for, or built for longer
-rows than the run uses would train silently on garbage; each case stops here with a message naming the file.
+rows than the run uses would train silently on garbage; each case stops here with a message naming the file
+(a missing, unreadable or incomplete one is named by ``data/dataset_files.read_stats``).
 """
 from __future__ import annotations
 
-import json
-
-from megatron_qwen.data.dataset_files import stats_path, text_prefix
+from megatron_qwen.data.dataset_files import read_stats, stats_path, text_prefix
 from megatron_qwen.training.conversations import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
@@ -18,18 +17,6 @@ SEQ_LENGTH_KEY = ("provenance", "seq_length")
 
 class DatasetMismatchError(ValueError):
     """A dataset does not fit the run it was given to."""
-
-
-def read_stats(prefix: str) -> dict:
-    """The parsed ``PREFIX_stats.json``; a missing or unreadable file is named."""
-    path = stats_path(prefix)
-    if not path.is_file():
-        raise DatasetMismatchError(f"{path}: missing; every dataset PREFIX needs the stats file the data tool writes")
-    try:
-        stats = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetMismatchError(f"{path}: unreadable ({error})") from error
-    return stats
 
 
 def stats_value(stats: dict, key: tuple[str, ...], path: str):

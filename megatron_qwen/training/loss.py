@@ -14,7 +14,7 @@ How megatron-core 0.16.1 computes exactly that (``pipeline_parallel/schedules.py
 3. ``finalize_model_grads`` broadcasts ``total_num_tokens`` from the last pipeline stage to the others,
    all-reduces it over data-parallel ranks and multiplies every gradient by ``1 / total``.
 
-The gradient is therefore that of the global-batch mean. ``global_batch_loss`` reduces the logged
+The gradient is therefore that of the global-batch mean. ``global_batch_totals`` reduces the logged
 ``(loss_sum, num_tokens)`` pairs the same way, for the number the log prints.
 """
 from __future__ import annotations
@@ -54,13 +54,14 @@ def require_per_token_loss(model_config, ddp_config=None) -> None:
         raise ValueError("DistributedDataParallelConfig.average_in_collective must be False with a per-token loss")
 
 
-def global_batch_loss(forward_data_store: list[dict], group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
-    """Mean loss over every supervised token of the step, from the logging dicts ``forward_backward_func``
-    returned on this rank, all-reduced over ``group`` (the data-parallel group). ``None`` off the last
-    pipeline stage, which computes no loss. Returns NaN when the step had no supervised token."""
+def global_batch_totals(forward_data_store: list[dict], group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+    """``[sum of the supervised positions' losses, number of supervised positions]`` of the step, from the
+    logging dicts ``forward_backward_func`` returned on this rank, all-reduced over ``group`` (the data-parallel
+    group). ``None`` off the last pipeline stage, which computes no loss."""
     if not forward_data_store:
         return None
     totals = torch.stack([entry[LOG_KEY] for entry in forward_data_store]).sum(dim=0)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
-    return totals[0] / totals[1]
+    return totals
+

@@ -6,12 +6,18 @@ takes ``n - 1`` positions and the first token of a conversation is never the tar
 
 - ``pad``: one conversation per row, the rest of the row padding (never supervised). The micro-batch is the
   usual ``[micro_batch_size, seq_length]`` batch with causal attention; positions run ``0 .. seq_length-1``.
-- ``pack``: greedy packing, in stream order: conversations go into the current row while they fit; the first
-  one that does not fit opens the next row. The micro-batch is one THD sequence ``[1, micro_batch_size *
-  seq_length]``: the rows are concatenated and ``cu_seqlens`` lists every conversation's boundary of every row
-  (and the padding tail of a row as a segment of its own, so segments tile the sequence); positions restart
-  at 0 in every segment. Give the pipeline schedule ``seq_length * micro_batch_size`` and micro-batch size 1
-  (``schedule_shape``), and every pipeline stage the same ``packed_seq_params()``.
+- ``pack``: best-fit packing of a whole global batch (``next_rows``): all its rows are open at once, each
+  conversation of the stream goes into the row with the least free space that still holds it, and the first
+  one that fits in no row starts the next global batch. Only a prefix of the stream is consumed, so the data
+  position stays the sampler's draw counts. On the benchmark's synthetic data (tools/benchmark_sft.py,
+  seq_length 2048, median length 0.3 x 2048) this fills 95.2% of the positions of 32-row batches and 96.9% of
+  128-row batches, against 78.8% and 78.1% for greedy packing in stream order (close each row at the first
+  conversation that does not fit), i.e. 1.21x / 1.24x the tokens per update at the same compute. The
+  micro-batch is one THD sequence ``[1, micro_batch_size * seq_length]``: the rows are concatenated and
+  ``cu_seqlens`` lists every conversation's boundary of every row (and the padding tail of a row as a segment
+  of its own, so segments tile the sequence); positions restart at 0 in every segment. Give the pipeline
+  schedule ``seq_length * micro_batch_size`` and micro-batch size 1 (``schedule_shape``), and every pipeline
+  stage the same ``packed_seq_params()``.
 """
 from __future__ import annotations
 
@@ -77,35 +83,42 @@ def check_fits(dataset: ConversationDataset, conversation: int, seq_length: int)
     return positions
 
 
-def next_row(
+def next_rows(
     mode: str,
+    count: int,
     peek: Callable[[], tuple[int, int] | None],
     take: Callable[[], tuple[int, int]],
     datasets: Sequence[ConversationDataset],
     seq_length: int,
-) -> Row:
-    """Takes the next row's conversations from a non-empty stream.
+) -> list[Row]:
+    """The ``count`` rows of the next global batch, filled best-fit from a prefix of the stream.
 
-    ``peek`` shows the next conversation (``None`` at the end of a finite stream), ``take`` consumes it.
+    ``peek`` shows the next conversation (``None`` at the end of a finite stream), ``take`` consumes it. Each
+    conversation goes into the row with the least free space that still holds it (ties: the lowest row); the
+    first one no row holds is left in the stream. A padded row holds one conversation, so in pad mode the rows
+    take the stream in order. Rows the end of a finite stream leaves empty are all-padding rows ``()``; they are
+    always the last ones (an empty row is only used once every row before it holds something).
     """
-    if mode == "pad":
-        dataset, conversation = take()
-        check_fits(datasets[dataset], conversation, seq_length)
-        return ((dataset, conversation),)
-    row, used = [], 0
+    rows, free = [[] for _ in range(count)], [seq_length] * count
     while (item := peek()) is not None:
         positions = check_fits(datasets[item[0]], item[1], seq_length)
-        if used + positions > seq_length:
+        holding = [(space, row) for row, space in enumerate(free) if space >= positions]
+        if not holding:
             break
-        row.append(take())
-        used += positions
-    return tuple(row)
+        best = min(holding)[1]
+        rows[best].append(take())
+        free[best] = 0 if mode == "pad" else free[best] - positions
+    return [tuple(row) for row in rows]
 
 
-def rows_from_list(
-    mode: str, items: Sequence[tuple[int, int]], datasets: Sequence[ConversationDataset], seq_length: int
-) -> list[Row]:
-    """All rows of a finite list of conversations, in order (the validation set)."""
+def batches_from_list(
+    mode: str,
+    items: Sequence[tuple[int, int]],
+    count: int,
+    datasets: Sequence[ConversationDataset],
+    seq_length: int,
+) -> list[list[Row]]:
+    """Global batches of ``count`` rows holding every conversation of a finite list once (the validation set)."""
     cursor = 0
 
     def peek():
@@ -116,10 +129,10 @@ def rows_from_list(
         cursor += 1
         return items[cursor - 1]
 
-    rows = []
+    batches = []
     while cursor < len(items):
-        rows.append(next_row(mode, peek, take, datasets, seq_length))
-    return rows
+        batches.append(next_rows(mode, count, peek, take, datasets, seq_length))
+    return batches
 
 
 def _segments(row: Row, datasets: Sequence[ConversationDataset]) -> list[tuple[np.ndarray, ...]]:

@@ -4,15 +4,17 @@ Every rank builds the same global batch plan (row contents are decided from the 
 cheap) and reads only the conversations of its own rows: data-parallel rank ``r`` of ``D`` takes the ``r``-th
 contiguous ``global_batch_size / D`` rows, cut into micro-batches of ``micro_batch_size`` rows.
 
-The data position (``state_dict``) is the sampler's per-dataset draw counts after the last global batch plus
-a fingerprint of everything that decides the stream; restoring it in a run with the same data settings
-reproduces the following batches exactly, and restoring it into different settings is refused.
+A global batch consumes a prefix of the sampler's stream (``rows.next_rows``: the conversation that fits in
+no row is left for the next batch), so the data position (``state_dict``) is the sampler's per-dataset draw
+counts after the last global batch plus a fingerprint of everything that decides the stream; restoring it in
+a run with the same data settings reproduces the following batches exactly, and restoring it into different
+settings is refused.
 """
 from __future__ import annotations
 
 from megatron_qwen.training.conversations import ConversationDataset
 from megatron_qwen.training.dataset_check import check_datasets
-from megatron_qwen.training.rows import MODES, MicroBatch, Row, collate, next_row, rows_from_list
+from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
 from megatron_qwen.training.sampling import ConversationSampler, normalized_weights, split_conversations
 
 
@@ -63,19 +65,25 @@ class SFTSamples:
 
     def next_global_batch(self, global_batch_size: int) -> list[Row]:
         """The rows of the next training step (advances the data position)."""
-        rows = [
-            next_row(self.mode, self.sampler.peek, self.sampler.take, self.datasets, self.seq_length)
-            for _ in range(global_batch_size)
-        ]
+        peek, take = self.sampler.peek, self.sampler.take
+        rows = next_rows(self.mode, global_batch_size, peek, take, self.datasets, self.seq_length)
         self.global_batches += 1
         return rows
 
+    def counts(self, rows: list[Row]) -> dict[str, int]:
+        """Non-padding positions and conversations of a whole global batch, from the index lengths: known on
+        every rank without collating or a device round trip."""
+        items = [item for row in rows for item in row]
+        return {
+            "tokens": sum(self.datasets[dataset].num_positions(conversation) for dataset, conversation in items),
+            "conversations": len(items),
+        }
+
     def validation_batches(self, global_batch_size: int) -> list[list[Row]]:
-        """Every validation conversation once, in fixed order; the last batch is filled with all-padding rows,
-        which carry no supervised token and so leave the token-weighted loss unchanged."""
-        rows = rows_from_list(self.mode, self.valid_items, self.datasets, self.seq_length)
-        rows += [()] * (-len(rows) % global_batch_size)
-        return [rows[start : start + global_batch_size] for start in range(0, len(rows), global_batch_size)]
+        """Every validation conversation once, in fixed order, filled like training batches; the last batch's
+        unused rows are all-padding rows, which carry no supervised token and so leave the token-weighted loss
+        unchanged."""
+        return batches_from_list(self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length)
 
     def micro_batches(self, rows: list[Row], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches of a global batch."""

@@ -5,6 +5,10 @@ last, every model chunk of an interleaved schedule) runs its forward with the mi
 ``packed_seq_params``: a middle stage without them would attend across the conversations of a packed row.
 A packed micro-batch of several rows is one THD sequence whose ``cu_seqlens`` hold every row's boundaries
 (``training/rows.py``).
+
+Host synchronisations: an update waits for the GPU once for the gradient norm (megatron's clipping), once for
+the loss and its supervised-token count (one tensor) and once for the preemption flag (``interrupts.py``); the
+other counts of the log are known on the host from the rows (``SFTSamples.counts``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.training import faults
-from megatron_qwen.training.loss import global_batch_loss, make_loss_func
+from megatron_qwen.models.spec import default_layer_impl
+from megatron_qwen.training.loss import global_batch_totals, make_loss_func
 from megatron_qwen.training.rows import MicroBatch
 
 
@@ -25,10 +30,22 @@ def device() -> torch.device:
     return torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _device_fields() -> tuple[str, ...]:
+    """The micro-batch tensors the model reads on the device.
+
+    Transformer Engine's kernels read ``cu_seqlens`` on the GPU. The local spec only slices the packed
+    sequence at those boundaries (our attention and megatron's unfused THD RoPE call ``.tolist()`` on them in
+    every layer), which on a device tensor would stall the GPU queue several times per layer; on the host it
+    costs nothing.
+    """
+    fields = ("tokens", "labels", "loss_mask", "position_ids")
+    return fields + ("cu_seqlens",) if default_layer_impl() == "te" else fields
+
+
 def _on_device(batch: MicroBatch) -> MicroBatch:
     moved = {
         name: getattr(batch, name).to(device(), non_blocking=True)
-        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
+        for name in _device_fields()
         if getattr(batch, name) is not None
     }
     return dataclasses.replace(batch, **moved)
@@ -70,34 +87,20 @@ def run_schedule(chunks: list, micro_batches: list[MicroBatch], shape: ScheduleS
     )
 
 
-def _loss_everywhere(forward_data_store: list) -> float:
-    """The global batch's token-weighted loss, computed on the last stage and sent to every stage."""
-    loss = global_batch_loss(forward_data_store, parallel_state.get_data_parallel_group())
-    # kept a tensor until the end: one host sync per call, not one before the broadcast and one after
-    value = torch.full((1,), float("nan"), device=device()) if loss is None else loss.reshape(1).float()
+def _loss_everywhere(forward_data_store: list) -> tuple[float, int]:
+    """(token-weighted loss, supervised tokens) of the global batch: computed on the last stage, sent to every
+    stage, with one host sync."""
+    totals = global_batch_totals(forward_data_store, parallel_state.get_data_parallel_group())
+    if totals is None:
+        totals = torch.zeros(2, dtype=torch.float32, device=device())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
-            value,
+            totals,
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return value.item()
-
-
-def _batch_counts(micro_batches: list[MicroBatch]) -> dict[str, int]:
-    """Non-padding tokens, supervised tokens and conversations of the whole global batch."""
-    counts = torch.tensor(
-        [
-            sum(batch.num_tokens for batch in micro_batches),
-            sum(batch.num_supervised for batch in micro_batches),
-            sum(batch.num_conversations for batch in micro_batches),
-        ],
-        dtype=torch.float64,
-        device=device(),
-    )
-    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-    tokens, supervised, conversations = (int(count) for count in counts.tolist())
-    return {"tokens": tokens, "supervised_tokens": supervised, "conversations": conversations}
+    loss_sum, supervised = totals.tolist()
+    return (loss_sum / supervised if supervised else float("nan")), int(supervised)
 
 
 @dataclasses.dataclass
@@ -111,8 +114,11 @@ class StepResult:
     conversations: int
 
 
-def train_step(chunks, optimizer, scheduler, micro_batches, shape: ScheduleShape, iteration: int) -> StepResult:
-    """Update ``iteration`` (1-based): forward and backward over the micro-batches, then one optimizer step."""
+def train_step(
+    chunks, optimizer, scheduler, micro_batches, shape: ScheduleShape, iteration: int, counts: dict[str, int]
+) -> StepResult:
+    """Update ``iteration`` (1-based): forward and backward over the micro-batches, then one optimizer step.
+    ``counts``: the global batch's ``tokens`` and ``conversations``, known on the host."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -121,12 +127,14 @@ def train_step(chunks, optimizer, scheduler, micro_batches, shape: ScheduleShape
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
+    loss, supervised = _loss_everywhere(store)
     return StepResult(
-        loss=_loss_everywhere(store),
+        loss=loss,
         grad_norm=float("nan") if grad_norm is None else float(grad_norm),
         lr=lr,
         skipped=not updated,
-        **_batch_counts(micro_batches),
+        supervised_tokens=supervised,
+        **counts,
     )
 
 
@@ -140,4 +148,4 @@ def validation_loss(chunks, batches: list[list[MicroBatch]], shape: ScheduleShap
             store += run_schedule(chunks, micro_batches, shape, iteration=0, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return _loss_everywhere(store)
+    return _loss_everywhere(store)[0]

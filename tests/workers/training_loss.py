@@ -4,7 +4,7 @@ Usage: torchrun --nproc-per-node 2 training_loss.py OUT_JSON
 
 A global batch of 4 rows with 1, 7, 4 and 2 supervised tokens is split over 2 data-parallel ranks, once as
 2 micro-batches of 1 row per rank and once as 1 micro-batch of 2 rows. For each split, rank 0 records the
-loss that ``global_batch_loss`` reports and the gradients megatron leaves in ``main_grad``; every rank also
+loss that ``global_batch_totals`` reports and the gradients megatron leaves in ``main_grad``; every rank also
 computes the reference directly: sum of masked per-token losses over all 4 rows / 8, back-propagated on
 the unwrapped model without any schedule. Also recorded: the mean of per-micro-batch means (the wrong
 number), to show the batch really discriminates the two.
@@ -36,7 +36,7 @@ def main(out_path):
     from megatron_qwen.models.build import build_model
     from megatron_qwen.models.presets import PRESETS
     from megatron_qwen.platform.distributed import initialize
-    from megatron_qwen.training.loss import global_batch_loss, make_loss_func, masked_loss_sum, require_per_token_loss
+    from megatron_qwen.training.loss import global_batch_totals, make_loss_func, masked_loss_sum, require_per_token_loss
 
     initialize(seed=5)
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=256, num_layers=2)
@@ -74,8 +74,8 @@ def main(out_path):
             seq_length=SEQ_LEN,
             micro_batch_size=micro_batch_size,
         )
-        loss = global_batch_loss(store, parallel_state.get_data_parallel_group())
-        results[f"mbs{micro_batch_size}"] = {"loss": loss.item(), "grads": gradients()}
+        loss_sum, supervised = global_batch_totals(store, parallel_state.get_data_parallel_group())
+        results[f"mbs{micro_batch_size}"] = {"loss": (loss_sum / supervised).item(), "grads": gradients()}
 
     # Reference: the definition, on the whole global batch, without megatron's schedule or reductions.
     model.zero_grad_buffer()

@@ -19,7 +19,7 @@ SEQ, PACKED_ROWS, MICRO_BATCH = 32, 4, 2
 def global_loss(samples, rows, model):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_qwen.training.loss import global_batch_loss, make_loss_func
+    from megatron_qwen.training.loss import global_batch_totals, make_loss_func
     from megatron_qwen.training.rows import schedule_shape
 
     micro_batches = samples.micro_batches(rows, 0, 1, MICRO_BATCH)
@@ -41,7 +41,8 @@ def global_loss(samples, rows, model):
         micro_batch_size=micro_batch_size,
         forward_only=True,
     )
-    return global_batch_loss(store).item()
+    loss_sum, supervised = global_batch_totals(store)
+    return (loss_sum / supervised).item()
 
 
 def main(prefix, out_path):
