@@ -8,17 +8,18 @@ base and no learned positions, tied or untied output layer without bias. Paralle
 Embedding rows: Qwen's published row counts (151936, 152064) are multiples of 128, so every
 power-of-two TP size divides them and they are kept as they are; the softmax then runs over the
 same rows as in ``transformers``. A vocabulary that is not a multiple of 128 is padded up to one: the
-row count stays the same at every TP size, so checkpoints keep one shape, and the padded logits are
-masked to -inf so that the softmax still equals the one over the real rows.
+row count stays the same at every TP size, so checkpoints keep one shape, and the padded rows are kept
+out of the softmax (``models/output_loss.py``, whose ``QwenGPTModel`` also computes the training loss
+without materializing the logits of the whole micro-batch).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_qwen.models.output_loss import QwenGPTModel
 from megatron_qwen.models.presets import QwenConfig
 from megatron_qwen.models.spec import decoder_spec
 
@@ -102,7 +103,7 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     **config_overrides,
-) -> GPTModel:
+) -> QwenGPTModel:
     """This rank's part of the Qwen model (its pipeline stage and tensor-parallel shard).
 
     ``config_overrides`` are ``transformer_config`` arguments, used when ``config`` is not given.
@@ -116,7 +117,7 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     rows = padded_vocab_size(cfg, config.tensor_model_parallel_size)
-    model = GPTModel(
+    return QwenGPTModel(
         config=config,
         transformer_layer_spec=decoder_spec(config, layer_impl, vp_stage),
         vocab_size=rows,
@@ -128,26 +129,8 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=cfg.rope_base,
         vp_stage=vp_stage,
+        real_vocab_size=cfg.vocab_size,
     )
-    if post_process and rows > cfg.vocab_size:
-        _mask_padded_logits(model.output_layer, cfg.vocab_size, rows)
-    return model
-
-
-def _mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int, rows: int) -> None:
-    """Sets the logits of padding rows to -inf on the tensor-parallel rank that holds them."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    rows_per_rank = rows // parallel_state.get_tensor_model_parallel_world_size()
-    first_row = tp_rank * rows_per_rank
-    padded = torch.arange(first_row, first_row + rows_per_rank) >= vocab_size
-    if not padded.any():
-        return
-
-    def mask(module, inputs, output):
-        logits, bias = output
-        return logits.masked_fill(padded.to(logits.device), float("-inf")), bias
-
-    output_layer.register_forward_hook(mask)
 
 
 def gather_logits(logits: torch.Tensor, cfg: QwenConfig) -> torch.Tensor:
