@@ -20,16 +20,18 @@
 # Tensor parallel 2 (data parallel 4) would need 14.2 + 28.3 + 21.3 + 7.1 + 0.9 = ~72 GB before any slack,
 # too close to 80 GB; see the README for 16 and 32 GPUs.
 #
-# Preemption: SLURM sends SIGUSR1 10 minutes before the time limit; the trainer then finishes its step, saves
-# (weights 28 GB + optimizer 170 GB, a few minutes even on a slow shared file system) and exits, and the
-# same job submitted again (sbatch, or `scontrol requeue JOBID`) resumes from that checkpoint.
+# Preemption: SLURM sends SIGUSR1 to the batch script 10 minutes before the time limit; the script passes it
+# on to the trainer (srun forwards it to every task), which finishes its step, saves (weights 28 GB + optimizer
+# 170 GB, a few minutes even on a slow shared file system) and exits; the script then requeues the job
+# (`scontrol requeue`, allowed by --requeue), which resumes from that checkpoint when it starts again. Without
+# SLURM, SIGTERM or SIGUSR1 to the trainer processes saves and stops the same way; rerun to resume.
 #SBATCH --job-name=sft-qwen-14b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=48:00:00
-#SBATCH --signal=USR1@600
+#SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --output=sft-qwen-14b-%j.out
 set -euo pipefail
@@ -59,8 +61,21 @@ if [[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "4294967294" && "${SLURM_
   export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
   exec "${TRAIN[@]}"
 elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
-  # the batch script: one task per GPU on every node, each running this file again
-  exec srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@"
+  # the batch script: one task per GPU on every node, each running this file again. srun runs in the
+  # background so that the USR1 trap fires at once (bash defers traps while a foreground command runs).
+  srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@" &
+  step=$!
+  preempted=0
+  trap 'preempted=1; kill -USR1 "$step" 2>/dev/null || true' USR1
+  # `wait` returns early when the trap fires; wait again until the step has really ended
+  while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
+  status=0
+  wait "$step" || status=$?
+  if [[ $preempted == 1 && $status == 0 ]]; then
+    echo "saved after the time-limit warning; requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit the same job again to resume" >&2
+  fi
+  exit "$status"
 else
   exec torchrun --standalone --nproc-per-node "${GPUS_PER_NODE:-8}" "${TRAIN[@]:1}"
 fi
