@@ -108,11 +108,8 @@ def test_an_epoch_holds_every_conversation_once_with_shifted_labels_and_mask(dat
     assert sorted(drawn_ids[: len(conversations)]) == list(range(len(conversations)))
     assert collections.Counter(triples) == expected_triples([conversations[c] for c in drawn_ids])
     assert all(float(mask.sum()) == 0 for mask in padding)
-    for batch in batches:
-        found = triples_of(batch)[0]
-        assert batch.num_tokens == sum(len(triple[0]) for triple in found)
-        assert batch.num_conversations == len(found)
-        assert batch.num_supervised == sum(sum(triple[2]) for triple in found)
+    for batch in batches:  # the supervised positions are exactly those of the conversations found
+        assert batch.loss_mask.sum().item() == sum(sum(triple[2]) for triple in triples_of(batch)[0])
     # the host-side counts of a global batch (for the log) agree with its collated micro-batches
     rows = samples.next_global_batch(4)
     micro_batches = samples.micro_batches(rows, 0, 1, micro_batch_size)
@@ -150,7 +147,7 @@ def test_pack_boundaries_are_never_supervised_and_positions_restart(tmp_path):
     expected_labels = [t for c in order for t in conversations[c][0][1:]]
     assert batch.labels[0, :9].tolist() == expected_labels
     assert not any(label >= 1000 for label in batch.labels[0, :9].tolist())  # no conversation's first token is a target
-    assert batch.num_supervised == 9 == sum(len(conversations[c][0]) - 1 for c in order)
+    assert batch.loss_mask.sum().item() == 9 == sum(len(conversations[c][0]) - 1 for c in order)
     assert batch.loss_mask[0, 9:].tolist() == [0.0]
     params = batch.packed_seq_params()
     assert params.qkv_format == "thd" and params.cu_seqlens_q is batch.cu_seqlens and params.max_seqlen_kv == 4
@@ -165,7 +162,7 @@ def test_pack_micro_batch_of_two_keeps_both_rows_boundaries(tmp_path):
     assert batch.tokens.shape == (1, 20)
     assert batch.cu_seqlens.tolist() == [0, 7, 10, 17, 20]
     assert batch.position_ids[0].tolist() == list(range(7)) + [0, 1, 2] + list(range(7)) + [0, 1, 2]
-    assert batch.num_conversations == 2 and batch.num_supervised == 14
+    assert samples.counts(rows) == {"tokens": 14, "conversations": 2} and batch.loss_mask.sum().item() == 14
 
 
 def test_shuffling_is_deterministic_per_seed_and_differs_per_epoch(dataset):
@@ -242,7 +239,8 @@ def test_validation_split_is_disjoint_and_covered_once(dataset):
     assert sorted(c for batch in batches for row in batch for _, c in row) == sorted(valid)
     # The seed does not move the validation set.
     padding_only = samples.collate([()])
-    assert (padding_only.num_supervised, padding_only.num_tokens, padding_only.cu_seqlens.tolist()) == (0, 0, [0, SEQ])
+    assert samples.counts([()]) == {"tokens": 0, "conversations": 0}
+    assert (padding_only.loss_mask.sum().item(), padding_only.cu_seqlens.tolist()) == (0, [0, SEQ])
     other_seed = SFTSamples([prefix], valid_fraction=0.1, mode="pad", seq_length=SEQ, seed=99)
     assert other_seed.valid_items == samples.valid_items
 

@@ -45,12 +45,6 @@ class MicroBatch:
     position_ids: torch.Tensor  # [b, s] int64
     cu_seqlens: torch.Tensor | None  # [segments + 1] int32, packed only
     max_seqlen: int | None  # longest segment, packed only
-    num_conversations: int
-    num_tokens: int  # non-padding positions
-
-    @property
-    def num_supervised(self) -> int:
-        return int(self.loss_mask.sum().item())
 
     def packed_seq_params(self):
         """megatron-core's ``PackedSeqParams`` for the THD path, or ``None`` for padded rows."""
@@ -160,11 +154,9 @@ def collate(
 ) -> MicroBatch:
     """The micro-batch of ``rows`` (see the module docstring for the two layouts)."""
     tokens, labels, loss_mask, positions, segment_lengths = [], [], [], [], []
-    num_tokens = 0
     for row in rows:
         segments = _segments(row, datasets)
         used = sum(len(segment[0]) for segment in segments)
-        num_tokens += used
         if used < seq_length:
             segments.append(_padding(seq_length - used, pad_token_id))
         for segment_tokens, segment_labels, segment_mask in segments:
@@ -185,6 +177,4 @@ def collate(
         position_ids=as_batch(positions).to(torch.int64),
         cu_seqlens=torch.tensor(np.cumsum([0] + segment_lengths), dtype=torch.int32) if packed else None,
         max_seqlen=int(max(segment_lengths)) if packed else None,
-        num_conversations=sum(len(row) for row in rows),
-        num_tokens=num_tokens,
     )
