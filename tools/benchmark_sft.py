@@ -32,8 +32,10 @@ Reported after the warm-up updates, per row: median step time, non-padding token
 GPU and MFU (``training/flops.py``, the trainer's own formula; against ``--peak-tflops``, default the H100 SXM
 dense bf16 peak), peak device memory (on the CPU the process's peak resident set, which only grows), and the
 optimizer implementation that ran; per preset, the row fill (non-padding positions over rows x sequence length
-of the timed updates, the same for both rows). Also the bf16 matrix-multiply rate measured on the same device in
-the same run, and versions, device, command and date. ``--json FILE`` writes the same numbers.
+of the timed updates, the same for both rows); on a GPU, where our row's host synchronisations come from
+(CUDA's sync-debug mode: each Python line that made the host wait for the GPU, and how often, over all updates).
+Also the bf16 matrix-multiply rate measured on the same device in the same run, and versions, device, command
+and date. ``--json FILE`` writes the same numbers.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,6 +182,7 @@ class RowResult:
     supervised_tokens: list[int]
     losses: list[float]
     peak_memory_gib: float
+    host_syncs: dict[str, int] | None = None  # "file:line" -> count over all updates; CUDA only
 
     def summary(self, model, seq_length: int, warmup: int, world_size: int, peak_tflops: float) -> dict:
         timed = range(warmup, len(self.seconds))
@@ -216,6 +220,27 @@ def profiled(directory: str | None, name: str, device: torch.device):
     (Path(directory) / f"profile_{name}.txt").write_text(profile.key_averages().table(sort_by=sort_by, row_limit=40))
 
 
+@contextlib.contextmanager
+def counted_host_syncs(device: torch.device):
+    """The host synchronisations in the block, as ``{"file:line": count}`` filled when it ends (CUDA's
+    sync-debug mode reports each one as a warning at the Python line that caused it); ``None`` on the CPU."""
+    if device.type != "cuda":
+        yield None
+        return
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counts
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchronizing CUDA operation" in str(warning.message):
+            where = f"{Path(warning.filename).name}:{warning.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+
+
 # ---- our row: the trainer itself ----
 
 
@@ -243,7 +268,8 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
     reset_peak_memory(device)
     trainer = Trainer(config)
     try:
-        trainer.train()
+        with counted_host_syncs(device) as host_syncs:
+            trainer.train()
         world_size, model, optimizer = trainer.world_size, trainer.model, adam_description(trainer.optimizer)
     finally:
         trainer.close()
@@ -255,7 +281,7 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
     updates = [record for record in records if "loss" in record]
     result = RowResult(
         "ours", optimizer, [r["seconds"] for r in updates], [r["tokens"] for r in updates],
-        [r["supervised_tokens"] for r in updates], [r["loss"] for r in updates], memory,
+        [r["supervised_tokens"] for r in updates], [r["loss"] for r in updates], memory, host_syncs,
     )
     return result, config, model, world_size
 
@@ -448,7 +474,7 @@ def main(argv=None) -> int:
                 positions = args.steps * args.global_batch_size * args.seq_length  # both rows saw the same rows
                 report["runs"].append({
                     "preset": preset, "world_size": world, "rows": summaries, "ours_over_peer_tokens_per_s": ratio,
-                    "row_fill": sum(ours.tokens[args.warmup :]) / positions,
+                    "row_fill": sum(ours.tokens[args.warmup :]) / positions, "ours_host_syncs": ours.host_syncs,
                 })
     say(f"\n# SFT training throughput, {header['date']}")
     say(f"command: {header['command']}")
@@ -464,6 +490,11 @@ def main(argv=None) -> int:
         say(table(result["rows"]))
         say(f"ours/peer tokens/s: {result['ours_over_peer_tokens_per_s']:.3f}")
         say(f"row fill: {result['row_fill']:.1%} of the positions of the timed updates are non-padding tokens")
+        if result["ours_host_syncs"] is not None:
+            updates = args.warmup + args.steps
+            found = sorted(result["ours_host_syncs"].items(), key=lambda item: -item[1])
+            say(f"ours, host synchronisations over {updates} updates (where: count): "
+                + (", ".join(f"{where}: {count}" for where, count in found[:10]) or "none"))
     if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
