@@ -53,7 +53,9 @@ def wrap_ddp(chunks: list, distributed_optimizer: bool) -> list[DistributedDataP
     """Each model chunk in megatron's DDP, wired into the pipeline schedule (grad finalization, no_sync)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        # each gradient bucket's data-parallel reduction starts as soon as the last micro-batch's backward has
+        # filled it, hidden behind the rest of the backward instead of run after it
+        overlap_grad_reduce=True,
         use_distributed_optimizer=distributed_optimizer,
         average_in_collective=False,
     )
@@ -65,6 +67,9 @@ def wrap_ddp(chunks: list, distributed_optimizer: bool) -> list[DistributedDataP
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [chunk.no_sync for chunk in wrapped]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    # the interleaved schedule starts each chunk's reduction when that chunk's last backward is done
+    grad_sync = [chunk.start_grad_sync for chunk in wrapped]
+    config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     return wrapped
 
 
