@@ -11,6 +11,7 @@ the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm,
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 
@@ -40,6 +41,17 @@ from megatron_qwen.training.step import ScheduleShape, device, train_step, valid
 FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
 
 
+def gpu_fusions() -> dict:
+    """The ``TransformerConfig`` fusions for this machine: none on the CPU; on GPUs ``FUSED_KERNELS`` and,
+    where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC containers), weight-gradient
+    GEMMs that accumulate straight into the float32 ``main_grad`` instead of writing a bf16 gradient that DDP
+    then adds in (Megatron-LM's default; megatron-core refuses it without the extension)."""
+    if not torch.cuda.is_available():
+        return {}
+    wgrad_fusion = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    return {**FUSED_KERNELS, "gradient_accumulation_fusion": wgrad_fusion}
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
 
@@ -67,7 +79,7 @@ def build_chunks(model, config: RunConfig) -> list:
         calculate_per_token_loss=True,
         **recompute,
         **fp8,
-        **(FUSED_KERNELS if torch.cuda.is_available() else {}),
+        **gpu_fusions(),
     )
     stages = parallel.virtual_pipeline or 1
     chunks = [
@@ -137,7 +149,8 @@ class Trainer:
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
             f"layout {self.layout()}; {self.num_micro_batches} micro-batches of {training.micro_batch_size} "
-            f"row(s) per data-parallel rank and update"
+            f"row(s) per data-parallel rank and update; kernel fusions: "
+            f"{', '.join(name for name, on in gpu_fusions().items() if on) or 'none (CPU)'}"
         )
 
     def layout(self) -> dict:
