@@ -22,7 +22,7 @@ from megatron_qwen.checkpoint import layout
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model, transformer_config
 from megatron_qwen.models.presets import PRESETS
-from megatron_qwen.models.spec import default_layer_impl
+from megatron_qwen.models.spec import default_layer_impl, transformer_engine_available
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing, faults
 from megatron_qwen.training.config import RunConfig
@@ -42,14 +42,18 @@ FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
 
 
 def gpu_fusions() -> dict:
-    """The ``TransformerConfig`` fusions for this machine: none on the CPU; on GPUs ``FUSED_KERNELS`` and,
-    where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC containers), weight-gradient
-    GEMMs that accumulate straight into the float32 ``main_grad`` instead of writing a bf16 gradient that DDP
-    then adds in (Megatron-LM's default; megatron-core refuses it without the extension)."""
+    """The ``TransformerConfig`` fusions for this machine, as Megatron-LM sets them by default: none on the CPU;
+    on GPUs ``FUSED_KERNELS``; with Transformer Engine its fused RoPE (``apply_rope_fusion``, which megatron-core
+    refuses without TE); and where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC
+    containers), weight-gradient GEMMs that accumulate straight into the float32 ``main_grad`` instead of
+    writing a bf16 gradient that DDP then adds in (megatron-core refuses it without the extension)."""
     if not torch.cuda.is_available():
         return {}
-    wgrad_fusion = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
-    return {**FUSED_KERNELS, "gradient_accumulation_fusion": wgrad_fusion}
+    return {
+        **FUSED_KERNELS,
+        "apply_rope_fusion": transformer_engine_available(),
+        "gradient_accumulation_fusion": importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+    }
 
 
 class TrainingDiverged(RuntimeError):
