@@ -63,10 +63,11 @@ if [[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "4294967294" && "${SLURM_
 elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
   # the batch script: one task per GPU on every node, each running this file again. srun runs in the
   # background so that the USR1 trap fires at once (bash defers traps while a foreground command runs).
+  preempted=0
+  step=""
+  trap 'preempted=1; if [[ -n $step ]]; then kill -USR1 "$step" 2>/dev/null || true; fi' USR1
   srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@" &
   step=$!
-  preempted=0
-  trap 'preempted=1; kill -USR1 "$step" 2>/dev/null || true' USR1
   # `wait` returns early when the trap fires; wait again until the step has really ended
   while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
   status=0
