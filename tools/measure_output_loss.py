@@ -57,7 +57,7 @@ def main(path, mode):
     if mode == "measure-float32":
         model, hidden, labels = setup(torch.float32)
         loss_step(path, model, hidden[:16], labels[:, :16])  # warm-up on 16 positions
-        model.embedding.word_embeddings.weight.grad = None
+        model.output_weight().grad = None
         before = psutil.Process().memory_info().rss
         start = time.perf_counter()
         loss_step(path, model, hidden, labels)
@@ -74,7 +74,7 @@ def main(path, mode):
             with tracker:
                 loss_step(path, model, hidden, labels)
             peak = sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
-            weight = model.embedding.word_embeddings.weight
+            weight = model.output_weight()
             result = {"peak_above_weight_MiB": (peak - weight.numel() * weight.element_size()) / 2**20}
     print(json.dumps({"path": path, "mode": mode, **result}))
 

@@ -146,6 +146,12 @@ class QwenGPTModel(GPTModel):
             if real_vocab_size < self.vocab_size:
                 self.output_layer.register_forward_hook(self._mask_padded_logits)
 
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, h]`` shard of the weight the logits are computed with (the embedding's when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
     def _mask_padded_logits(self, output_layer, inputs, output):
         logits, bias = output
         # gathered logits (runtime_gather_output) hold every rank's rows, their padding is the global tail
@@ -170,13 +176,9 @@ class QwenGPTModel(GPTModel):
                 inference_context=inference_context,
                 **kwargs,
             )
-        if self.share_embeddings_and_output_weights:
-            weight = self.shared_embedding_or_output_weight()
-        else:
-            weight = self.output_layer.weight
         return output_layer_loss(
             hidden_states,
-            weight,
+            self.output_weight(),
             labels,
             self.real_local_rows,
             sequence_parallel=self.output_layer.sequence_parallel,

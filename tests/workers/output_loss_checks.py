@@ -56,7 +56,7 @@ def loss_and_grads(postprocess, model, hidden, labels, grad_loss):
     """Per-token loss and the gradients of ``sum(loss * grad_loss)`` w.r.t. the hidden states and output weight."""
     from megatron_qwen.models.output_loss import QwenGPTModel
 
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
+    weight = model.output_weight()
     hidden = hidden.detach().requires_grad_()
     weight.grad = None
     probe = LargestOutput(weight.shape)
