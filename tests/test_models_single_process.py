@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import run_python
+from megatron_qwen.models.presets import PRESETS
 
 # Totals published on the Qwen2.5 model cards.
 QWEN25_PUBLISHED_TOTALS = {
@@ -121,7 +122,10 @@ def test_activation_recomputation_with_dropout_reproduces_gradients(results, gra
 
 def test_gpu_kernel_fusions_compile_and_match_the_unfused_layers(results):
     check = results["fused_kernels"]
-    assert check["compiled_graphs"] >= 2  # SwiGLU and bias-dropout-add went through torch.compile
+    assert check["compiled_graphs"] >= 3  # SwiGLU, bias-dropout-add and RoPE went through torch.compile
+    # models/rope.py's RoPE served q and k of every layer, padded and packed
+    layers = PRESETS["tiny"].num_layers
+    assert check["rope_calls"] == {"bshd": 2 * layers, "thd": 2 * layers}
     assert check["gradient_scale"] > 1e-3
     assert check["loss_diff"] < 1e-6
     assert check["grad_max_diff"] < 1e-5 * check["gradient_scale"]

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_qwen.models.output_loss import QwenGPTModel
 from megatron_qwen.models.presets import QwenConfig
+from megatron_qwen.models.rope import provide_fused_rope
 from megatron_qwen.models.spec import decoder_spec
 
 VOCAB_PAD_MULTIPLE = 128
@@ -54,7 +55,8 @@ def transformer_config(
     """megatron-core's ``TransformerConfig`` for ``cfg`` at the current parallel layout.
 
     ``cpu=None`` means: CPU when no GPU is visible. ``overrides`` go to ``TransformerConfig`` as they
-    are (e.g. fusions or FP8 settings on a GPU).
+    are (e.g. fusions or FP8 settings on a GPU); ``apply_rope_fusion`` uses Transformer Engine's RoPE
+    kernels where TE is installed and the compiled ones of ``models/rope.py`` elsewhere.
     """
     if cpu is None:
         cpu = not torch.cuda.is_available()
@@ -91,6 +93,8 @@ def transformer_config(
         batch_p2p_comm=not cpu,
     )
     fields.update(overrides)
+    if fields.get("apply_rope_fusion"):
+        provide_fused_rope()
     return TransformerConfig(**fields)
 
 

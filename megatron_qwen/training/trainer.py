@@ -22,7 +22,7 @@ from megatron_qwen.checkpoint import layout
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model, transformer_config
 from megatron_qwen.models.presets import PRESETS
-from megatron_qwen.models.spec import default_layer_impl, transformer_engine_available
+from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing, faults
 from megatron_qwen.training.config import RunConfig
@@ -35,23 +35,22 @@ from megatron_qwen.training.schedule import build_scheduler
 from megatron_qwen.training.step import ScheduleShape, device, train_step, validation_loss
 
 
-# megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd; no Transformer Engine or apex needed),
-# on by default in Megatron-LM. Each replaces a few memory-bound kernels per layer with one each way; on the
-# CPU the compilation (~20 s per process) outweighs that, so they are used on GPUs only.
-FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
+# megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd; no Transformer Engine or apex needed) and
+# fused RoPE (Transformer Engine's kernels, else the compiled ones of models/rope.py), on by default in
+# Megatron-LM. Each replaces a few memory-bound kernels per layer with one each way; on the CPU the compilation
+# (~20 s per process) outweighs that, so they are used on GPUs only.
+FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True, "apply_rope_fusion": True}
 
 
 def gpu_fusions() -> dict:
     """The ``TransformerConfig`` fusions for this machine, as Megatron-LM sets them by default: none on the CPU;
-    on GPUs ``FUSED_KERNELS``; with Transformer Engine its fused RoPE (``apply_rope_fusion``, which megatron-core
-    refuses without TE); and where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC
+    on GPUs ``FUSED_KERNELS``, and where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC
     containers), weight-gradient GEMMs that accumulate straight into the float32 ``main_grad`` instead of
     writing a bf16 gradient that DDP then adds in (megatron-core refuses it without the extension)."""
     if not torch.cuda.is_available():
         return {}
     return {
         **FUSED_KERNELS,
-        "apply_rope_fusion": transformer_engine_available(),
         "gradient_accumulation_fusion": importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
     }
 

@@ -147,21 +147,40 @@ def recompute_gradients(cfg):
 
 
 def fused_kernels(cfg):
-    """The trainer's GPU fusions (megatron's compiled SwiGLU and bias-dropout-add) against the unfused
-    modules: same weights, no dropout, so loss and gradients must agree to rounding."""
+    """The trainer's GPU fusions (megatron's compiled SwiGLU and bias-dropout-add, and RoPE, compiled by
+    ``models/rope.py`` here, as there is no Transformer Engine) against the unfused modules: same weights, no
+    dropout, padded rows and a packed row of three documents, so loss and gradients must agree to rounding."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.packed_seq_params import PackedSeqParams
     from torch._dynamo.utils import counters
 
+    from megatron_qwen.models import rope
     from megatron_qwen.models.build import build_model
     from megatron_qwen.training.trainer import FUSED_KERNELS
 
+    rope_calls = {"bshd": 0, "thd": 0}
+
+    def counted(kind, function):
+        def call(*args, **kwargs):
+            rope_calls[kind] += 1
+            return function(*args, **kwargs)
+        return call
+
+    # filled before the build, so provide_fused_rope() keeps these counting wrappers of its own functions
+    rope_utils.fused_apply_rotary_pos_emb = counted("bshd", rope.fused_rope_bshd)
+    rope_utils.fused_apply_rotary_pos_emb_thd = counted("thd", rope.fused_rope_thd)
+
     tokens = torch.randint(0, 1000, (2, 16))
     positions = torch.arange(16).expand(2, 16)
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
     results = {}
     for name, fusions in (("unfused", {}), ("fused", FUSED_KERNELS)):
         torch.manual_seed(5)
         model = build_model(cfg, **fusions)
         with torch.enable_grad():
             loss = model(tokens, positions, None, labels=tokens).mean()
+            loss = loss + model(tokens[:1], None, None, labels=tokens[:1], packed_seq_params=packed).mean()
             loss.backward()
         results[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
     (unfused_loss, unfused_grads), (fused_loss, fused_grads) = results["unfused"], results["fused"]
@@ -170,6 +189,7 @@ def fused_kernels(cfg):
         "grad_max_diff": (fused_grads - unfused_grads).abs().max().item(),
         "gradient_scale": unfused_grads.abs().max().item(),
         "compiled_graphs": counters["stats"]["unique_graphs"],  # the fused functions did run, compiled
+        "rope_calls": rope_calls,
     }
 
 
