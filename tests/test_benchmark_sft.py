@@ -55,14 +55,14 @@ def ratios(stdout: str) -> list[float]:
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("benchmark")
     results = {}
-    for rows, presets in (("pad", ["tiny", "tiny"]), ("pack", ["tiny"])):
+    for rows, presets in (("pad", ["tiny", "tiny"]), ("pack", ["tiny"]), ("padfree", ["tiny"])):
         report = work / f"{rows}.json"
         done = run_python(SCRIPT, "--rows", rows, "--preset", *presets, *COMMON, "--json", report, timeout=240)
         results[rows] = (done.stdout, json.loads(report.read_text()))
     return results
 
 
-@pytest.mark.parametrize("rows", ["pad", "pack"])
+@pytest.mark.parametrize("rows", ["pad", "pack", "padfree"])
 def test_both_rows_train_to_a_well_formed_table_of_positive_finite_figures(runs, rows):
     stdout, report = runs[rows]
     found = tables(stdout)
@@ -84,7 +84,7 @@ def test_both_rows_train_to_a_well_formed_table_of_positive_finite_figures(runs,
     assert f"--rows {rows}" in report["command"] and report["device"].startswith("CPU")
 
 
-@pytest.mark.parametrize("rows", ["pad", "pack"])
+@pytest.mark.parametrize("rows", ["pad", "pack", "padfree"])
 def test_both_rows_process_the_same_non_padding_and_supervised_tokens(runs, rows):
     for table in tables(runs[rows][0]):
         ours, peer = table
@@ -98,3 +98,13 @@ def test_packed_rows_hold_more_tokens_than_padded_rows_in_both_rows(runs):
     padded, packed = (tables(runs[rows][0])[0] for rows in ("pad", "pack"))
     for pad_row, pack_row in zip(padded, packed):
         assert int(pack_row["tokens"]) > 1.5 * int(pad_row["tokens"])
+
+
+def test_padfree_trains_the_padded_conversations_from_fuller_rows(runs):
+    # the same conversations as padded rows (same seed, same count per update), packed: equal token counts in
+    # both rows, a higher share of non-padding positions
+    padded, padfree = (tables(runs[rows][0])[0] for rows in ("pad", "padfree"))
+    for pad_row, padfree_row in zip(padded, padfree):
+        assert (pad_row["tokens"], pad_row["supervised tokens"]) == (padfree_row["tokens"], padfree_row["supervised tokens"])
+    fill = {rows: runs[rows][1]["runs"][0]["row_fill"] for rows in ("pad", "padfree")}
+    assert 0 < fill["pad"] < fill["padfree"] <= 1

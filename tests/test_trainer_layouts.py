@@ -3,7 +3,8 @@
 Every run starts from the same converter-style checkpoint, reads the same global batches (conversations with
 unequal numbers of supervised tokens) and takes 2 updates with dropout off. The reference is data
 parallelism over 4 ranks with 1-row micro-batches; each other run changes one thing: micro-batch size,
-tensor, pipeline, interleaved pipeline, sequence parallelism, recomputation, the optimizer, packing. Equal
+tensor, pipeline, interleaved pipeline, sequence parallelism, recomputation, the optimizer, packing; and
+``--rows padfree``, which must give the reference's very updates from fewer rows at any layout. Equal
 first-update loss and gradient norm show the same objective and gradients; an equal second-update loss shows
 the same update. Under a mean of per-micro-batch means, 1-row and 2-row micro-batches would already differ.
 """
@@ -28,6 +29,18 @@ PACK_RUNS = {
         "rows": "pack", "tensor_parallel": 2, "pipeline_parallel": 2, "sequence_parallel": True, "micro_batch_size": 2,
     },
 }
+PADFREE_RUNS = {
+    "padfree_dp4": {"rows": "padfree"},
+    "padfree_tp2_pp2_sequence_parallel_mbs2": {
+        "rows": "padfree", "tensor_parallel": 2, "pipeline_parallel": 2, "sequence_parallel": True,
+        "micro_batch_size": 2,
+    },
+    "padfree_pp2_interleaved_3_chunks": {"rows": "padfree", "pipeline_parallel": 2, "virtual_pipeline": 3},
+}
+# DP x micro-batch size (x PP, interleaved) on 4 ranks; the 8 conversations of an update fill ~5 rows of 32
+PADFREE_ROW_MULTIPLE = {
+    "padfree_dp4": 4, "padfree_tp2_pp2_sequence_parallel_mbs2": 2, "padfree_pp2_interleaved_3_chunks": 4,
+}
 BLEND_RUNS = {
     "blend_dp4": {},
     "blend_tp2_pp2": {"tensor_parallel": 2, "pipeline_parallel": 2},
@@ -44,7 +57,10 @@ def records(tmp_path_factory):
         return {"name": name, "flags": flags}
 
     validated = {"valid_fraction": 0.2, "eval_interval": 1}
-    plan = [entry(name, str(data / "plain"), {**settings, **validated}) for name, settings in PAD_RUNS.items()]
+    plan = [
+        entry(name, str(data / "plain"), {**settings, **validated})
+        for name, settings in {**PAD_RUNS, **PADFREE_RUNS}.items()
+    ]
     plan += [entry(name, str(data / "plain"), settings) for name, settings in PACK_RUNS.items()]
     blend = [str(data / "half_a"), str(data / "half_b")]
     plan += [entry(name, blend, {**settings, "data_weights": [1, 3]}) for name, settings in BLEND_RUNS.items()]
@@ -80,6 +96,19 @@ def test_the_batch_has_unequal_supervised_tokens_per_micro_batch(records):
 def test_packed_rows_give_the_same_loss_at_tp2_pp2_with_sequence_parallelism_and_2_row_micro_batches(records):
     assert_same_steps(records, "pack_tp2_pp2_sequence_parallel_mbs2", "pack_dp4")
     assert updates(records, "pack_dp4")[0]["conversations"] > 8  # several conversations per row
+
+
+@pytest.mark.parametrize("name", PADFREE_RUNS)
+def test_padfree_rows_give_the_padded_updates_from_fewer_rows(records, name):
+    assert_same_steps(records, name, "dp4_mbs1")  # the same conversations, loss and gradients
+    validation = {run: [r["validation_loss"] for r in records[run] if "validation_loss" in r] for run in (name, "dp4_mbs1")}
+    assert validation[name] == pytest.approx(validation["dp4_mbs1"], rel=1e-5)
+    rows = [r["rows"] for r in updates(records, name)]
+    assert [r["rows"] for r in updates(records, "dp4_mbs1")] == [8, 8]
+    multiple = PADFREE_ROW_MULTIPLE[name]
+    assert all(count % multiple == 0 and count <= 8 for count in rows), rows
+    if multiple == 2:
+        assert all(count < 8 for count in rows), rows
 
 
 def test_two_dataset_blending_gives_the_same_loss_at_tp2_pp2(records):

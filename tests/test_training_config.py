@@ -18,6 +18,8 @@ def test_defaults_are_the_qwen_report_recipe():
     assert (optimizer.weight_decay, optimizer.clip_grad) == (0.1, 1.0)
     assert (training.train_steps, training.global_batch_size, config.data.seq_length) == (4000, 128, 2048)
     assert (config.model.dropout, config.model.precision, config.model.fp8) == (0.1, "bf16", False)
+    # the report's batches of 128 conversations, without computing their padding
+    assert config.data.rows == "padfree"
 
 
 def test_every_field_has_a_flag_and_each_flag_sets_its_field():
@@ -53,7 +55,7 @@ def test_recipe_file_then_command_line(tmp_path):
         ({"learning_rate": 1.0}, r"recipe .*recipe.json: unknown setting 'learning_rate'"),
         ({"train_steps": "many"}, r"recipe .*recipe.json: train_steps: expected int, got 'many'"),
         ({"train_steps": 2.5}, r"recipe .*recipe.json: train_steps: expected int, got 2.5"),
-        ({"rows": "stack"}, r"recipe .*recipe.json: rows: expected one of \('pad', 'pack'\), got 'stack'"),
+        ({"rows": "stack"}, r"recipe .*recipe.json: rows: expected one of \('pad', 'pack', 'padfree'\), got 'stack'"),
         ({"data_path": "one"}, r"recipe .*recipe.json: data_path: expected a list"),
         ({"sequence_parallel": "yes"}, r"recipe .*recipe.json: sequence_parallel: expected true or false"),
     ],
@@ -77,7 +79,7 @@ def test_unreadable_recipe_is_named(tmp_path):
     [
         (["--lr", "fast"], "--lr: expected float, got 'fast'"),
         (["--micro-batch-size", "0"], "--micro-batch-size: must be at least 1, got 0"),
-        (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size: 10 is not a multiple"),
+        (["--rows", "pad", "--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size: 10 is not"),
         (["--sequence-parallel"], "--sequence-parallel: needs --tensor-parallel above 1"),
         (["--virtual-pipeline", "2"], "--virtual-pipeline: needs --pipeline-parallel above 1"),
         (["--preset", "qwen-15b"], "--preset: unknown preset 'qwen-15b'"),
@@ -102,7 +104,13 @@ def test_missing_model_source_and_data_are_refused():
 
 
 def test_micro_batches_per_update():
-    config = parse_config(BASE + ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--micro-batch-size", "2"])
+    layout = ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--micro-batch-size", "2"]
+    padfree = parse_config(BASE + layout + ["--global-batch-size", "13"])  # conversations: any count
+    assert padfree.num_micro_batches(world_size=8) is None  # as many as each update's packed rows need
+    assert padfree.row_multiple(world_size=8) == 4  # DP 2 x micro-batch 2
+    padfree.parallel.virtual_pipeline = 2
+    assert padfree.row_multiple(world_size=8) == 8  # the interleaved schedule: whole groups of PP micro-batches
+    config = parse_config(BASE + layout + ["--rows", "pad"])
     assert config.num_micro_batches(world_size=8) == 32  # DP 2: 128 / (2 * 2)
     with pytest.raises(ValueError, match="world size 6 is not a multiple of TP x PP = 4"):
         config.num_micro_batches(world_size=6)

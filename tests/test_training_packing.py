@@ -25,11 +25,12 @@ def dataset_of_positions(path, positions, seq_length):
     return trainer_common.write_dataset(path, conversations, SHA, seq_length)
 
 
-def packed(positions, rows, tmp_path, seq_length=10, mode="pack"):
-    """The global batches of ``rows`` rows over conversations 0, 1, ... in list order, as conversation ids."""
+def packed(positions, count, tmp_path, seq_length=10, mode="pack", row_multiple=1):
+    """The global batches (``count`` rows, or conversations in padfree mode) over conversations 0, 1, ... in list
+    order, as conversation ids."""
     prefix = dataset_of_positions(tmp_path / "hand", positions, seq_length)
     items = [(0, index) for index in range(len(positions))]
-    batches = batches_from_list(mode, items, rows, [ConversationDataset(prefix)], seq_length)
+    batches = batches_from_list(mode, items, count, [ConversationDataset(prefix)], seq_length, row_multiple)
     return [[tuple(conversation for _, conversation in row) for row in batch] for batch in batches]
 
 
@@ -56,6 +57,20 @@ def test_ties_go_to_the_lowest_row_and_rows_keep_insertion_order(tmp_path):
 
 def test_pad_mode_puts_one_conversation_per_row_in_stream_order(tmp_path):
     assert packed([6, 5, 4, 3, 1], 2, tmp_path, mode="pad") == [[(0,), (1,)], [(2,), (3,)], [(4,), ()]]
+
+
+@pytest.mark.parametrize("row_multiple,padding", [(1, []), (2, []), (3, [()])])
+def test_padfree_packs_a_fixed_number_of_conversations_longest_first(tmp_path, row_multiple, padding):
+    # 4 conversations per global batch, rows of 10. Batch 1 takes 0..3 (6, 5, 4, 3), longest first:
+    #   0 (6): no row yet -> new r0 (4); 1 (5): r0 lacks room -> new r1 (4, 5);
+    #   2 (4): r0 (4) and r1 (5) hold it, least -> r0 (0, 5); 3 (3): r1 (0, 2).
+    # Batch 2 takes the rest, 4 (1) and 5 (5), longest first: 5 -> new r0 (5); 4 -> r0 (4).
+    # Rows are then added, empty, up to a multiple of row_multiple.
+    found = packed([6, 5, 4, 3, 1, 5], 4, tmp_path, mode="padfree", row_multiple=row_multiple)
+    expected = [[(0, 2), (1, 3)], [(5, 4)]]
+    expected = [rows + [()] * (-len(rows) % row_multiple) for rows in expected]
+    assert found == expected
+    assert found[0][2:] == padding
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +112,24 @@ def test_each_global_batch_is_a_stream_prefix_that_stops_at_the_first_misfit(ran
             free = [64 - sum(positions[c] for _, c in row) for row in rows]
             assert positions[order[start]] > max(free)
     assert start == samples.sampler.drawn[0]
+
+
+def test_padfree_takes_the_conversations_of_pad_mode_in_fewer_rows(random_lengths):
+    prefix, positions = random_lengths
+    pad = SFTSamples([prefix], mode="pad", seq_length=64, seed=5)
+    padfree = SFTSamples([prefix], mode="padfree", seq_length=64, seed=5)
+    for count in (8, 3, 16, 5):
+        padded = pad.next_global_batch(count)
+        rows = padfree.next_global_batch(count, row_multiple=4)
+        conversations = lambda batch: sorted(c for row in batch for _, c in row)  # noqa: E731
+        assert conversations(rows) == conversations(padded)
+        assert len(rows) % 4 == 0
+        assert all(sum(positions[c] for _, c in row) <= 64 for row in rows)
+        # no fewer rows would do: after rounding up to the multiple, at most one row's worth of slack remains
+        used = sum(positions[c] for c in conversations(rows))
+        assert len([row for row in rows if row]) <= -(-used // 64) + 1
+        assert padfree.counts(rows) == {**pad.counts(padded), "rows": len(rows)}
+    assert padfree.state_dict()["drawn"] == pad.state_dict()["drawn"]  # the same data position
 
 
 def test_best_fit_fills_rows_better_than_one_row_at_a_time(random_lengths):

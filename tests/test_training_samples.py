@@ -49,7 +49,7 @@ def first_epoch(samples, global_batch_size=1, micro_batch_size=1):
     micro-batches seen, the stream items drawn). The last batch may reach into the next epoch."""
     triples, padding, batches = [], [], []
     while samples.sampler.drawn[0] < len(samples.train_ids[0]):
-        rows = samples.next_global_batch(global_batch_size)
+        rows = samples.next_global_batch(global_batch_size, row_multiple=micro_batch_size)
         for batch in samples.micro_batches(rows, 0, 1, micro_batch_size):
             found, padding_masks = triples_of(batch)
             triples += found
@@ -97,7 +97,8 @@ def dataset(tmp_path):
     return write_dataset(tmp_path / "chat", conversations), conversations
 
 
-@pytest.mark.parametrize("mode,micro_batch_size", [("pad", 1), ("pad", 2), ("pack", 1), ("pack", 2)])
+@pytest.mark.parametrize("mode", ["pad", "pack", "padfree"])
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
 def test_an_epoch_holds_every_conversation_once_with_shifted_labels_and_mask(dataset, mode, micro_batch_size):
     prefix, conversations = dataset
     samples = SFTSamples([prefix], mode=mode, seq_length=SEQ, seed=7)
@@ -111,11 +112,12 @@ def test_an_epoch_holds_every_conversation_once_with_shifted_labels_and_mask(dat
     for batch in batches:  # the supervised positions are exactly those of the conversations found
         assert batch.loss_mask.sum().item() == sum(sum(triple[2]) for triple in triples_of(batch)[0])
     # the host-side counts of a global batch (for the log) agree with its collated micro-batches
-    rows = samples.next_global_batch(4)
+    rows = samples.next_global_batch(4, row_multiple=micro_batch_size)
     micro_batches = samples.micro_batches(rows, 0, 1, micro_batch_size)
     assert samples.counts(rows) == {
         "tokens": sum(len(triple[0]) for batch in micro_batches for triple in triples_of(batch)[0]),
         "conversations": sum(len(triples_of(batch)[0]) for batch in micro_batches),
+        "rows": len(rows),
     }
 
 
@@ -162,7 +164,7 @@ def test_pack_micro_batch_of_two_keeps_both_rows_boundaries(tmp_path):
     assert batch.tokens.shape == (1, 20)
     assert batch.cu_seqlens.tolist() == [0, 7, 10, 17, 20]
     assert batch.position_ids[0].tolist() == list(range(7)) + [0, 1, 2] + list(range(7)) + [0, 1, 2]
-    assert samples.counts(rows) == {"tokens": 14, "conversations": 2} and batch.loss_mask.sum().item() == 14
+    assert samples.counts(rows) == {"tokens": 14, "conversations": 2, "rows": 2} and batch.loss_mask.sum().item() == 14
 
 
 def test_shuffling_is_deterministic_per_seed_and_differs_per_epoch(dataset):
@@ -182,23 +184,36 @@ def test_shuffling_is_deterministic_per_seed_and_differs_per_epoch(dataset):
     assert epoch0 != list(range(n))
 
 
-@pytest.mark.parametrize("mode,rows", [("pad", 4), ("pack", 4), ("pack", 8)])
-def test_resumed_data_position_reproduces_the_following_batches(dataset, mode, rows):
+# padfree: 6 conversations per update in rows rounded up to a multiple of 4 (2 ranks x 2-row micro-batches)
+@pytest.mark.parametrize("mode,rows,multiple", [("pad", 4, 1), ("pack", 4, 1), ("pack", 8, 1), ("padfree", 6, 4)])
+def test_resumed_data_position_reproduces_the_following_batches(dataset, mode, rows, multiple):
     prefix, _ = dataset
     uninterrupted = SFTSamples([prefix], mode=mode, seq_length=SEQ, seed=11)
-    plans = [uninterrupted.next_global_batch(rows) for _ in range(30)]  # crosses several epochs
+    plans = [uninterrupted.next_global_batch(rows, multiple) for _ in range(30)]  # crosses several epochs
     first = SFTSamples([prefix], mode=mode, seq_length=SEQ, seed=11)
     for _ in range(13):
-        first.next_global_batch(rows)
+        first.next_global_batch(rows, multiple)
     saved = json.loads(json.dumps(first.state_dict()))
     resumed = SFTSamples([prefix], mode=mode, seq_length=SEQ, seed=11)
     resumed.load_state_dict(saved)
     for step in range(13, 30):
-        batch_rows = resumed.next_global_batch(rows)
+        batch_rows = resumed.next_global_batch(rows, multiple)
         assert batch_rows == plans[step]
     a = uninterrupted.micro_batches(plans[29], 1, 2, 2)[0]
     b = resumed.micro_batches(batch_rows, 1, 2, 2)[0]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
+
+
+def test_a_padded_run_resumes_padfree_with_the_same_conversations(dataset):
+    prefix, _ = dataset
+    padded = SFTSamples([prefix], mode="pad", seq_length=SEQ, seed=11)
+    for _ in range(5):
+        padded.next_global_batch(4)
+    padfree = SFTSamples([prefix], mode="padfree", seq_length=SEQ, seed=11)
+    padfree.load_state_dict(json.loads(json.dumps(padded.state_dict())))
+    for _ in range(5):
+        expected = sorted(item for row in padded.next_global_batch(4) for item in row)
+        assert sorted(item for row in padfree.next_global_batch(4, 2) for item in row) == expected
 
 
 def test_resume_into_different_data_settings_is_refused(dataset):
@@ -239,7 +254,7 @@ def test_validation_split_is_disjoint_and_covered_once(dataset):
     assert sorted(c for batch in batches for row in batch for _, c in row) == sorted(valid)
     # The seed does not move the validation set.
     padding_only = samples.collate([()])
-    assert samples.counts([()]) == {"tokens": 0, "conversations": 0}
+    assert samples.counts([()]) == {"tokens": 0, "conversations": 0, "rows": 1}
     assert (padding_only.loss_mask.sum().item(), padding_only.cu_seqlens.tolist()) == (0, [0, SEQ])
     other_seed = SFTSamples([prefix], valid_fraction=0.1, mode="pad", seq_length=SEQ, seed=99)
     assert other_seed.valid_items == samples.valid_items

@@ -82,9 +82,10 @@ def parse_args(argv=None):
     # no abbreviations: a trainer flag must never be taken for a prefix of one of ours
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", nargs="+", default=DEFAULT_PRESETS, choices=sorted(PRESETS))
-    parser.add_argument("--rows", choices=("pad", "pack"), default="pad", help="data regime of both rows")
+    parser.add_argument("--rows", choices=("pad", "pack", "padfree"), default="pad", help="data regime of both rows")
     parser.add_argument("--seq-length", type=int, default=2048)
-    parser.add_argument("--global-batch-size", type=int, default=32, help="rows per update (both rows)")
+    parser.add_argument("--global-batch-size", type=int, default=32,
+                        help="rows per update (both rows); conversations with --rows padfree")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch (both rows)")
     parser.add_argument("--steps", type=int, default=10, help="timed updates per row, after the warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="updates per row before timing")
@@ -179,6 +180,7 @@ class RowResult:
     optimizer: str
     seconds: list[float]  # per update
     tokens: list[int]  # non-padding tokens of the global batch, per update
+    rows: list[int]  # rows of the global batch, per update (padfree: they follow the conversations' lengths)
     supervised_tokens: list[int]
     losses: list[float]
     peak_memory_gib: float
@@ -280,7 +282,7 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
     records = [json.loads(line) for line in open(records_file)] if records_file.exists() else []
     updates = [record for record in records if "loss" in record]
     result = RowResult(
-        "ours", optimizer, [r["seconds"] for r in updates], [r["tokens"] for r in updates],
+        "ours", optimizer, [r["seconds"] for r in updates], [r["tokens"] for r in updates], [r["rows"] for r in updates],
         [r["supervised_tokens"] for r in updates], [r["loss"] for r in updates], memory, host_syncs,
     )
     return result, config, model, world_size
@@ -380,9 +382,10 @@ def run_peer(name: str, config, model_config, device: torch.device, compile_mode
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if compile_model:
         model = torch.compile(model)
-    seconds, tokens, supervised, losses = [], [], [], []
+    seconds, tokens, row_counts, supervised, losses = [], [], [], [], []
     for _ in range(updates):
-        rows = samples.next_global_batch(training.global_batch_size)
+        # padfree: the peer's rows are ours, up to all-padding rows that round the count to its own ranks
+        rows = samples.next_global_batch(training.global_batch_size, world * training.micro_batch_size)
         micro_batches = samples.micro_batches(rows, rank, world, training.micro_batch_size)
         synchronize(device)
         started = time.perf_counter()
@@ -390,9 +393,12 @@ def run_peer(name: str, config, model_config, device: torch.device, compile_mode
         synchronize(device)
         seconds.append(time.perf_counter() - started)
         tokens.append(step_tokens)
+        row_counts.append(len(rows))
         supervised.append(step_supervised)
         losses.append(loss)
-    result = RowResult(name, adam_description(optimizer), seconds, tokens, supervised, losses, peak_memory_gib())
+    result = RowResult(
+        name, adam_description(optimizer), seconds, tokens, row_counts, supervised, losses, peak_memory_gib()
+    )
     del model, optimizer
     reset_peak_memory(device)
     return result
@@ -471,7 +477,7 @@ def main(argv=None) -> int:
             if rank == 0:
                 summaries = [row.summary(model, args.seq_length, args.warmup, world, args.peak_tflops) for row in rows]
                 ratio = summaries[0]["tokens_per_s_per_gpu"] / summaries[1]["tokens_per_s_per_gpu"]
-                positions = args.steps * args.global_batch_size * args.seq_length  # both rows saw the same rows
+                positions = sum(ours.rows[args.warmup :]) * args.seq_length  # both rows saw the same rows
                 report["runs"].append({
                     "preset": preset, "world_size": world, "rows": summaries, "ours_over_peer_tokens_per_s": ratio,
                     "row_fill": sum(ours.tokens[args.warmup :]) / positions, "ours_host_syncs": ours.host_syncs,
@@ -482,7 +488,8 @@ def main(argv=None) -> int:
         f"(MFU against {args.peak_tflops:g} TFLOP/s)")
     say("versions: " + ", ".join(f"{name} {version}" for name, version in header["versions"].items()))
     say(f"data: {report['dataset']['conversations']} synthetic conversations, lengths {report['dataset']['lengths']}; "
-        f"rows {args.rows}, seq length {args.seq_length}, global batch {args.global_batch_size} rows, "
+        f"rows {args.rows}, seq length {args.seq_length}, global batch {args.global_batch_size} "
+        f"{'conversations' if args.rows == 'padfree' else 'rows'}, "
         f"micro-batch {args.micro_batch_size}, dropout {args.dropout}; {args.warmup} warm-up + {args.steps} timed "
         f"updates per row")
     for result in report["runs"]:

@@ -63,7 +63,11 @@ class DataSettings:
     data_path: list[str] = setting([], "dataset PREFIX(es) written by tools/preprocess_chatml.py")
     data_weights: Optional[list[float]] = setting(None, "blending weights, one per PREFIX (default: by size)")
     valid_fraction: float = setting(0.01, "fraction of each dataset's conversations held out for validation")
-    rows: Literal["pad", "pack"] = setting("pad", "one conversation per row, or several packed")
+    rows: Literal["pad", "pack", "padfree"] = setting(
+        "padfree",
+        "pad: one conversation per row; pack: rows packed best-fit from the stream; padfree: pad's conversations "
+        "and updates, packed into as few rows as hold them",
+    )
     seq_length: int = setting(2048, "model positions per row")
     pad_token_id: int = setting(151643, "token id of padding (never supervised)")
     tokenizer: Optional[str] = setting(None, "the model's tokenizer, checked against the datasets' stats")
@@ -72,7 +76,7 @@ class DataSettings:
 @dataclasses.dataclass
 class TrainingSettings:
     train_steps: int = setting(4000, "optimizer updates")
-    global_batch_size: int = setting(128, "rows per update")
+    global_batch_size: int = setting(128, "conversations per update (--rows pad, padfree) or rows (--rows pack)")
     micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
     seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
     eval_interval: int = setting(200, "updates between validation losses (0: never)")
@@ -104,16 +108,30 @@ class RunConfig:
                 raise ValueError(f"--{flag.replace('_', '-')}: {problem}")
         return self
 
-    def num_micro_batches(self, world_size: int) -> int:
-        """Gradient-accumulation steps per update on ``world_size`` ranks of the configured layout."""
+    def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
         if world_size % model_parallel:
             raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {model_parallel}")
-        per_step = (world_size // model_parallel) * self.training.micro_batch_size
+        return world_size // model_parallel
+
+    def row_multiple(self, world_size: int) -> int:
+        """What an update's row count must be a multiple of: data-parallel size x micro-batch size, so every rank
+        runs the same number of micro-batches, times the pipeline size for the interleaved schedule (megatron's
+        interleaving takes whole groups of pipeline-size micro-batches)."""
+        interleaved = self.parallel.pipeline_parallel if self.parallel.virtual_pipeline else 1
+        return self.data_parallel_size(world_size) * self.training.micro_batch_size * interleaved
+
+    def num_micro_batches(self, world_size: int) -> int | None:
+        """Gradient-accumulation steps per update on ``world_size`` ranks of the configured layout; ``None`` with
+        ``--rows padfree``, where they follow the lengths of each update's conversations."""
+        data_parallel = self.data_parallel_size(world_size)
+        if self.data.rows == "padfree":
+            return None
+        per_step = data_parallel * self.training.micro_batch_size
         if self.training.global_batch_size % per_step:
             raise ValueError(
                 f"--global-batch-size {self.training.global_batch_size} is not a multiple of data-parallel size "
-                f"{world_size // model_parallel} x --micro-batch-size {self.training.micro_batch_size}"
+                f"{data_parallel} x --micro-batch-size {self.training.micro_batch_size}"
             )
         return self.training.global_batch_size // per_step
 
@@ -151,7 +169,7 @@ def _problems(config: RunConfig):
     yield data.data_weights is not None and len(data.data_weights) != len(data.data_path) and (
         f"{len(data.data_weights)} weight(s) for {len(data.data_path)} dataset(s)"
     ), "data_weights"
-    yield training.global_batch_size % training.micro_batch_size and (
+    yield data.rows != "padfree" and training.global_batch_size % training.micro_batch_size and (
         f"{training.global_batch_size} is not a multiple of --micro-batch-size {training.micro_batch_size}"
     ), "global_batch_size"
     yield not 0 <= config.optimizer.warmup_steps < training.train_steps and (

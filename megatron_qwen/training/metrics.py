@@ -66,6 +66,7 @@ class Reporter:
             "tokens_per_s_per_gpu": per_gpu(tokens),
             "supervised_tokens_per_s_per_gpu": per_gpu(sum(record["supervised_tokens"] for record in records)),
             "conversations_per_step": records[-1]["conversations"],
+            "rows_per_step": records[-1]["rows"],
             "supervised_tokens_per_step": records[-1]["supervised_tokens"],
             "tflops_per_gpu": per_gpu(step_flops) / 1e12,
             "mfu": flops.mfu(step_flops, seconds, self.world_size),
@@ -74,7 +75,7 @@ class Reporter:
         self.print(
             f"iteration {iteration} | loss {values['loss']:.6f} | lr {values['lr']:.4e} | "
             f"grad norm {values['grad_norm']:.4f} | skipped {values['skipped']} | nan {values['nan']} | "
-            f"conversations {values['conversations_per_step']} | "
+            f"conversations {values['conversations_per_step']} | rows {values['rows_per_step']} | "
             f"supervised tokens {values['supervised_tokens_per_step']} | "
             f"tokens/s/GPU {values['tokens_per_s_per_gpu']:.1f} | "
             f"supervised tokens/s/GPU {values['supervised_tokens_per_s_per_gpu']:.1f} | "

@@ -2,10 +2,10 @@
 
 Every rank builds the same global batch plan (row contents are decided from the index lengths alone, which is
 cheap) and reads only the conversations of its own rows: data-parallel rank ``r`` of ``D`` takes the ``r``-th
-contiguous ``global_batch_size / D`` rows, cut into micro-batches of ``micro_batch_size`` rows.
+contiguous ``rows / D`` rows, cut into micro-batches of ``micro_batch_size`` rows.
 
-A global batch consumes a prefix of the sampler's stream (``rows.next_rows``: the conversation that fits in
-no row is left for the next batch), so the data position (``state_dict``) is the sampler's per-dataset draw
+A global batch consumes a prefix of the sampler's stream (``rows.next_rows``: in ``pack`` mode the
+conversation that fits in no row is left for the next batch), so the data position (``state_dict``) is the sampler's per-dataset draw
 counts after the last global batch plus a fingerprint of everything that decides the stream; restoring it in
 a run with the same data settings reproduces the following batches exactly, and restoring it into different
 settings is refused.
@@ -50,7 +50,8 @@ class SFTSamples:
             "sizes": [len(dataset) for dataset in self.datasets],
             "weights": [float(weight) for weight in self.weights],
             "valid_fraction": valid_fraction,
-            "mode": mode,
+            # padfree takes pad's conversations update by update, so a run may switch between the two
+            "mode": "pad" if mode == "padfree" else mode,
             "seq_length": seq_length,
             "seed": seed,
         }
@@ -63,27 +64,31 @@ class SFTSamples:
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
 
-    def next_global_batch(self, global_batch_size: int) -> list[Row]:
-        """The rows of the next training step (advances the data position)."""
+    def next_global_batch(self, global_batch_size: int, row_multiple: int = 1) -> list[Row]:
+        """The rows of the next training step (advances the data position). ``global_batch_size`` counts rows
+        (``pad``, ``pack``) or conversations (``padfree``, whose row count is a multiple of ``row_multiple``)."""
         peek, take = self.sampler.peek, self.sampler.take
-        rows = next_rows(self.mode, global_batch_size, peek, take, self.datasets, self.seq_length)
+        rows = next_rows(self.mode, global_batch_size, peek, take, self.datasets, self.seq_length, row_multiple)
         self.global_batches += 1
         return rows
 
     def counts(self, rows: list[Row]) -> dict[str, int]:
-        """Non-padding positions and conversations of a whole global batch, from the index lengths: known on
-        every rank without collating or a device round trip."""
+        """Non-padding positions, conversations and rows of a whole global batch, from the index lengths: known
+        on every rank without collating or a device round trip."""
         items = [item for row in rows for item in row]
         return {
             "tokens": sum(self.datasets[dataset].num_positions(conversation) for dataset, conversation in items),
             "conversations": len(items),
+            "rows": len(rows),
         }
 
-    def validation_batches(self, global_batch_size: int) -> list[list[Row]]:
-        """Every validation conversation once, in fixed order, filled like training batches; the last batch's
-        unused rows are all-padding rows, which carry no supervised token and so leave the token-weighted loss
-        unchanged."""
-        return batches_from_list(self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length)
+    def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> list[list[Row]]:
+        """Every validation conversation once, in fixed order, filled like training batches; all-padding rows
+        (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so leave the
+        token-weighted loss unchanged."""
+        return batches_from_list(
+            self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length, row_multiple
+        )
 
     def micro_batches(self, rows: list[Row], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches of a global batch."""

@@ -112,13 +112,14 @@ class StepResult:
     tokens: int
     supervised_tokens: int
     conversations: int
+    rows: int
 
 
 def train_step(
     chunks, optimizer, scheduler, micro_batches, shape: ScheduleShape, iteration: int, counts: dict[str, int]
 ) -> StepResult:
     """Update ``iteration`` (1-based): forward and backward over the micro-batches, then one optimizer step.
-    ``counts``: the global batch's ``tokens`` and ``conversations``, known on the host."""
+    ``counts``: the global batch's ``tokens``, ``conversations`` and ``rows``, known on the host."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

@@ -114,7 +114,8 @@ class Trainer:
             seed=training.seed,
         )
         self.world_size = torch.distributed.get_world_size()
-        self.num_micro_batches = config.num_micro_batches(self.world_size)
+        num_micro_batches = config.num_micro_batches(self.world_size)
+        self.row_multiple = config.row_multiple(self.world_size)
         self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
         preset = PRESETS[config.model.preset] if config.model.preset else None
         self.model = checkpointing.model_config(self.start, preset)
@@ -151,8 +152,9 @@ class Trainer:
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
-            f"layout {self.layout()}; {self.num_micro_batches} micro-batches of {training.micro_batch_size} "
-            f"row(s) per data-parallel rank and update; kernel fusions: "
+            f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
+            f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
+            f"kernel fusions: "
             f"{', '.join(name for name, on in gpu_fusions().items() if on) or 'none (CPU)'}"
         )
 
@@ -188,7 +190,8 @@ class Trainer:
         self.reporter.print(f"iteration {self.iteration} | saved {path}")
 
     def validate(self) -> None:
-        batches = [self._micro_batches(rows) for rows in self.samples.validation_batches(self.config.training.global_batch_size)]
+        global_batches = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
+        batches = [self._micro_batches(rows) for rows in global_batches]
         if batches:
             self.reporter.validation(self.iteration, validation_loss(self.chunks, batches, self.shape))
 
@@ -197,7 +200,7 @@ class Trainer:
         training, checkpoint = self.config.training, self.config.checkpoint
         stop = StopRequest(device())
         while self.iteration < training.train_steps:
-            rows = self.samples.next_global_batch(training.global_batch_size)
+            rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
             micro_batches = self._micro_batches(rows)
             self.iteration += 1
             started = time.perf_counter()

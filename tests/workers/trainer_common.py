@@ -88,6 +88,7 @@ def run_args(data, start, save_dir=None, **settings):
         "save_dir": save_dir,
         "precision": "fp32",
         "seq_length": SEQ,
+        "rows": "pad",
         "valid_fraction": 0.0,
         "global_batch_size": 8,
         "micro_batch_size": 1,
