@@ -48,6 +48,9 @@ def test_megatron_schedule_gives_the_global_token_mean_for_every_split(tmp_path)
     result = json.loads(out.read_text())
     reference = result["reference_loss"]
     assert abs(result["mean_of_means"] - reference) > 1e-3  # the batch tells the two definitions apart
-    for split in ("mbs1", "mbs2"):
+    for split in ("mbs1", "mbs2", "mbs1_fused_wgrad"):
         assert result[split]["loss"] == pytest.approx(reference, rel=1e-6)
         assert result[split]["max_grad_difference"] <= 1e-5 * result[split]["max_grad"]
+    # the fused split accumulated through platform/wgrad_accumulation.py: the QKV, output-projection, fc1 and
+    # fc2 weights of both layers, once per micro-batch (2 per rank)
+    assert result["fused_wgrad_calls"] == 4 * 2 * 2

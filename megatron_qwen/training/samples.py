@@ -5,10 +5,10 @@ cheap) and reads only the conversations of its own rows: data-parallel rank ``r`
 contiguous ``rows / D`` rows, cut into micro-batches of ``micro_batch_size`` rows.
 
 A global batch consumes a prefix of the sampler's stream (``rows.next_rows``: in ``pack`` mode the
-conversation that fits in no row is left for the next batch), so the data position (``state_dict``) is the sampler's per-dataset draw
-counts after the last global batch plus a fingerprint of everything that decides the stream; restoring it in
-a run with the same data settings reproduces the following batches exactly, and restoring it into different
-settings is refused.
+conversation that fits in no row is left for the next batch), so the data position (``state_dict``) is the
+sampler's per-dataset draw counts after the last global batch plus a fingerprint of everything that decides
+the stream; restoring it in a run with the same data settings reproduces the following batches exactly, and
+restoring it into different settings is refused.
 """
 from __future__ import annotations
 

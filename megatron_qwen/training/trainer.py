@@ -11,7 +11,6 @@ the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm,
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 
@@ -24,6 +23,7 @@ from megatron_qwen.models.build import build_model, transformer_config
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.platform import distributed
+from megatron_qwen.platform.wgrad_accumulation import provide_wgrad_accumulation
 from megatron_qwen.training import checkpointing, faults
 from megatron_qwen.training.config import RunConfig
 from megatron_qwen.training.interrupts import StopRequest
@@ -42,17 +42,24 @@ from megatron_qwen.training.step import ScheduleShape, device, train_step, valid
 FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True, "apply_rope_fusion": True}
 
 
-def gpu_fusions() -> dict:
+def gpu_fusions(params_dtype: torch.dtype) -> dict:
     """The ``TransformerConfig`` fusions for this machine, as Megatron-LM sets them by default: none on the CPU;
-    on GPUs ``FUSED_KERNELS``, and where apex's ``fused_weight_gradient_mlp_cuda`` extension is installed (NGC
-    containers), weight-gradient GEMMs that accumulate straight into the float32 ``main_grad`` instead of
-    writing a bf16 gradient that DDP then adds in (megatron-core refuses it without the extension)."""
+    on GPUs ``FUSED_KERNELS``, and weight-gradient GEMMs that accumulate straight into the float32 ``main_grad``
+    instead of writing a bf16 gradient that DDP then adds in (``gradient_accumulation_fusion``: apex's
+    extension where it is installed, as in NGC containers, else torch's ``addmm`` where this torch build
+    accumulates ``params_dtype`` products into float32, see ``platform/wgrad_accumulation.py``)."""
     if not torch.cuda.is_available():
         return {}
+    device = torch.device("cuda", torch.cuda.current_device())
     return {
         **FUSED_KERNELS,
-        "gradient_accumulation_fusion": importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+        "gradient_accumulation_fusion": provide_wgrad_accumulation(device, params_dtype),
     }
+
+
+def params_dtype(settings) -> torch.dtype:
+    """The weights' dtype for the run's ``ModelSettings``."""
+    return torch.bfloat16 if settings.precision == "bf16" else torch.float32
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,7 +72,6 @@ def build_chunks(model, config: RunConfig) -> list:
     impl = default_layer_impl()
     if settings.fp8 and impl != "te":
         raise ValueError("--fp8 needs Transformer Engine on a GPU, which is not available here")
-    bf16 = settings.precision == "bf16"
     recompute = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
@@ -74,15 +80,15 @@ def build_chunks(model, config: RunConfig) -> list:
     fp8 = {"fp8": "hybrid", "fp8_amax_history_len": 1024, "fp8_amax_compute_algo": "max"} if settings.fp8 else {}
     model_config = transformer_config(
         model,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bf16=bf16,
+        params_dtype=params_dtype(settings),
+        bf16=settings.precision == "bf16",
         attention_dropout=settings.dropout,
         hidden_dropout=settings.dropout,
         sequence_parallel=parallel.sequence_parallel,
         calculate_per_token_loss=True,
         **recompute,
         **fp8,
-        **gpu_fusions(),
+        **gpu_fusions(params_dtype(settings)),
     )
     stages = parallel.virtual_pipeline or 1
     chunks = [
@@ -155,7 +161,7 @@ class Trainer:
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
             f"kernel fusions: "
-            f"{', '.join(name for name, on in gpu_fusions().items() if on) or 'none (CPU)'}"
+            f"{', '.join(name for name, on in gpu_fusions(params_dtype(config.model)).items() if on) or 'none (CPU)'}"
         )
 
     def layout(self) -> dict:
