@@ -106,5 +106,8 @@ def test_padfree_trains_the_padded_conversations_from_fuller_rows(runs):
     padded, padfree = (tables(runs[rows][0])[0] for rows in ("pad", "padfree"))
     for pad_row, padfree_row in zip(padded, padfree):
         assert (pad_row["tokens"], pad_row["supervised tokens"]) == (padfree_row["tokens"], padfree_row["supervised tokens"])
+    for regime in ("pad", "padfree"):  # and both rows trained on the same number of rows
+        ours, peer = runs[regime][1]["runs"][0]["rows"]
+        assert ours["rows"] == peer["rows"] > 0
     fill = {rows: runs[rows][1]["runs"][0]["row_fill"] for rows in ("pad", "padfree")}
     assert 0 < fill["pad"] < fill["padfree"] <= 1

@@ -200,6 +200,7 @@ class RowResult:
             "mfu_percent": 100 * tflops / peak_tflops,
             "peak_memory_gib": self.peak_memory_gib,
             "tokens": sum(self.tokens),
+            "rows": sum(self.rows),
             "supervised_tokens": sum(self.supervised_tokens),
             "first_loss": self.losses[0],
             "last_loss": self.losses[-1],
