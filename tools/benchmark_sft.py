@@ -366,12 +366,13 @@ def peer_step(model, optimizer, micro_batches, config, device) -> tuple[float, i
 def run_peer(name: str, config, model_config, device: torch.device, compile_model: bool, updates: int) -> RowResult:
     from megatron_qwen.training.optimizer import adam_description
     from megatron_qwen.training.samples import SFTSamples
+    from megatron_qwen.training.trainer import params_dtype
 
     data, training, settings = config.data, config.training, config.optimizer
     samples = SFTSamples(data.data_path, None, 0.0, data.rows, data.seq_length, training.seed, data.pad_token_id)
     reset_peak_memory(device)
     torch.manual_seed(training.seed)
-    dtype = torch.bfloat16 if config.model.precision == "bf16" else torch.float32
+    dtype = params_dtype(config.model)
     model = peer_model(model_config, dtype, config.model.dropout, device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps,

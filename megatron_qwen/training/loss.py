@@ -64,4 +64,3 @@ def global_batch_totals(forward_data_store: list[dict], group: dist.ProcessGroup
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     return totals
-
