@@ -1,9 +1,11 @@
 """Checkpoints of the trainer on 4 CPU processes: stop-and-resume is bit-exact with dropout 0.1 and the
-distributed optimizer on torch AdamW; a resume at another TP/PP layout continues within float32 tolerance;
-SIGTERM saves and exits; a NaN loss stops without a new checkpoint.
+distributed optimizer on torch AdamW; a resume at another TP/PP layout and micro-batch size continues within
+float32 tolerance; SIGTERM saves and exits; a NaN loss stops without a new checkpoint.
 
-All runs share one torchrun launch (tests/workers/trainer_runs.py). The reference for a resumed run is the
-same run uninterrupted: its losses and gradient norms, update by update.
+Each is checked for packed rows (``--rows pack``) and for the trainer's default, ``--rows padfree``, whose
+number of rows and micro-batches changes from update to update and, on the other layout, follows the new
+micro-batch size. All runs share one torchrun launch (tests/workers/trainer_runs.py). The reference for a
+resumed run is the same run uninterrupted: its losses and gradient norms, update by update.
 """
 
 import pytest
@@ -15,6 +17,7 @@ from megatron_qwen.checkpoint import layout
 from megatron_qwen.training.faults import NAN_AT, SIGTERM_AT
 
 STEPS = 6
+ROWS = ("pack", "padfree")
 
 
 @pytest.fixture(scope="module")
@@ -22,55 +25,79 @@ def runs(tmp_path_factory):
     data = fixture_dir(tmp_path_factory, run_python)
     work = tmp_path_factory.mktemp("resume")
 
-    def flags(name, **settings):
+    def run(rows, name, save_dir=None, env=None, **settings):
+        """Run ``rows/name``, saving into (and resuming from) ``work/rows/save_dir``, by default its name."""
         base = dict(
-            tensor_parallel=2, distributed_optimizer=True, rows="pack", micro_batch_size=2, train_steps=STEPS,
+            tensor_parallel=2, distributed_optimizer=True, rows=rows, micro_batch_size=2, train_steps=STEPS,
             warmup_steps=2, lr_decay_style="cosine",
         )
-        return run_args(str(data / "plain"), str(data / "start"), str(work / name), **{**base, **settings})
+        save = str(work / rows / (save_dir or name))
+        flags = run_args(str(data / "plain"), str(data / "start"), save, **{**base, **settings})
+        return {"name": f"{rows}/{name}", "flags": flags, "env": env or {}}
 
-    plan = [
-        {"name": "full", "flags": flags("full", dropout=0.1)},
-        {"name": "stopped", "flags": flags("stopped", dropout=0.1), "env": {SIGTERM_AT: 3}},
-        {"name": "resumed", "flags": flags("stopped", dropout=0.1)},
-        {"name": "full_no_dropout", "flags": flags("full_no_dropout")},
-        {"name": "stopped_no_dropout", "flags": flags("stopped_no_dropout"), "env": {SIGTERM_AT: 3}},
-        {
-            "name": "relayout",
-            "flags": flags("stopped_no_dropout", tensor_parallel=1, pipeline_parallel=2, micro_batch_size=1),
-        },
-        {"name": "nan", "flags": flags("nan", save_interval=1), "env": {NAN_AT: 2}},
-    ]
+    plan = []
+    for rows in ROWS:
+        plan += [
+            run(rows, "full", dropout=0.1),
+            run(rows, "stopped", env={SIGTERM_AT: 3}, dropout=0.1),
+            run(rows, "resumed", save_dir="stopped", dropout=0.1),
+            run(rows, "full_no_dropout"),
+            run(rows, "stopped_no_dropout", env={SIGTERM_AT: 3}),
+            run(rows, "relayout", save_dir="stopped_no_dropout", tensor_parallel=1, pipeline_parallel=2,
+                micro_batch_size=1),
+            run(rows, "nan", env={NAN_AT: 2}, save_interval=1),
+        ]
     results = run_plan(run_torchrun, 4, plan, work)
     return results, work
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits(runs):
+@pytest.fixture(params=ROWS)
+def mode(request, runs):
+    """One data regime's runs: (how each run ended by name, the regime's save directories)."""
     results, work = runs
+    rows = request.param
+    ended = {name.split("/", 1)[1]: result for name, result in results.items() if name.startswith(f"{rows}/")}
+    return ended, work / rows
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits(mode):
+    results, work = mode
     assert results["stopped"]["ended"] == "SIGTERM"
     assert results["stopped_no_dropout"]["ended"] == "SIGTERM"
 
 
-def test_resume_is_bit_exact_with_dropout_and_the_distributed_optimizer(runs):
-    results, work = runs
+def test_resume_is_bit_exact_with_dropout_and_the_distributed_optimizer(mode):
+    results, work = mode
     assert results["full"]["ended"] == results["resumed"]["ended"] == "done"
     full, stopped_then_resumed = step_records(work / "full"), step_records(work / "stopped")
     assert [r["iteration"] for r in stopped_then_resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in stopped_then_resumed] == [r["loss"] for r in full]
     assert [r["grad_norm"] for r in stopped_then_resumed] == [r["grad_norm"] for r in full]
     assert [r["lr"] for r in stopped_then_resumed] == [r["lr"] for r in full]
+    assert [r["rows"] for r in stopped_then_resumed] == [r["rows"] for r in full]
 
 
-def test_dropout_is_on_so_the_rng_state_matters(runs):
+def test_dropout_is_on_so_the_rng_state_matters(mode):
     # with dropout 0.1 the losses differ from the same run without dropout: the bit-exact resume above
     # therefore restored the dropout RNG states, not merely deterministic arithmetic
-    results, work = runs
+    results, work = mode
     with_dropout, without = step_records(work / "full"), step_records(work / "full_no_dropout")
     assert all(a["loss"] != b["loss"] for a, b in zip(with_dropout[1:], without[1:]))
 
 
-def test_resume_at_another_layout_continues_within_float32_tolerance(runs):
-    results, work = runs
+def test_padfree_updates_take_a_varying_number_of_rows(runs):
+    # what sets padfree apart from pack in this module: rows per update follow the conversations' lengths
+    # (pack: always the global batch), at most one per conversation, rounded up to a multiple of data-parallel
+    # size 2 x micro-batch size 2
+    _, work = runs
+    rows = [record["rows"] for record in step_records(work / "padfree" / "full")]
+    assert all(count % 4 == 0 and count <= 8 for count in rows), rows
+    assert len(set(rows)) > 1, rows
+    assert [record["rows"] for record in step_records(work / "pack" / "full")] == [8] * STEPS
+
+
+def test_resume_at_another_layout_continues_within_float32_tolerance(mode):
+    results, work = mode
     assert results["relayout"]["ended"] == "done", results["relayout"]
     reference = step_records(work / "full_no_dropout")
     resumed = step_records(work / "stopped_no_dropout")
@@ -80,16 +107,16 @@ def test_resume_at_another_layout_continues_within_float32_tolerance(runs):
         assert mine["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-4)
 
 
-def test_nan_loss_stops_without_a_new_checkpoint(runs):
-    results, work = runs
+def test_nan_loss_stops_without_a_new_checkpoint(mode):
+    results, work = mode
     assert results["nan"]["ended"] == "TrainingDiverged"
     assert "iteration 2: loss nan" in results["nan"]["message"]
     assert layout.latest_iteration(work / "nan") == 1
     assert layout.list_iterations(work / "nan") == [1]
 
 
-def test_keeps_the_last_checkpoints_and_exports_a_trained_one(runs, tmp_path):
-    results, work = runs
+def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
+    results, work = mode
     # keep_last 2: the stopped run saved 3, then 6 on resume
     assert layout.list_iterations(work / "stopped") == [3, 6]
     from megatron_qwen.checkpoint.convert import mcore_to_hf
