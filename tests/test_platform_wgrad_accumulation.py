@@ -2,6 +2,7 @@
 token-weighted reference gradients in tests/test_training_loss.py)."""
 import torch
 
+from megatron_qwen.platform import wgrad_accumulation
 from megatron_qwen.platform.wgrad_accumulation import accumulates_correctly, wgrad_gemm_accum
 
 
@@ -25,3 +26,21 @@ def test_the_probe_accepts_float32_and_answers_for_bf16_without_raising():
     # bf16 operands into a float32 buffer need addmm's out_dtype, which torch implements for CUDA only (2.13):
     # the probe must say no here instead of failing the run
     assert accumulates_correctly(torch.device("cpu"), torch.bfloat16) in (True, False)
+
+
+def test_the_probe_says_no_on_a_torch_without_out_dtype(monkeypatch):
+    # torch before 2.8 has no out_dtype keyword on addmm: the call raises TypeError, which must turn the fusion
+    # off rather than stop the run at start-up
+    def addmm_without_out_dtype(*args, out_dtype=None, **kwargs):
+        if out_dtype is not None:
+            raise TypeError("addmm() received an invalid combination of arguments - got (..., out_dtype=...)")
+        return real_addmm(*args, **kwargs)
+
+    real_addmm = torch.addmm
+    monkeypatch.setattr(wgrad_accumulation.torch, "addmm", addmm_without_out_dtype)
+    accumulates_correctly.cache_clear()
+    try:
+        assert not accumulates_correctly(torch.device("cpu"), torch.bfloat16)
+        assert accumulates_correctly(torch.device("cpu"), torch.float32)  # addmm_ needs no out_dtype
+    finally:
+        accumulates_correctly.cache_clear()
