@@ -92,17 +92,28 @@ class SDPAttention(EmptyExtraState, MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _attend_packed(self, query, key, value, params: PackedSeqParams, causal):
-        """Attends within each document of a pack: ``[t, h, d]`` in, ``[t, h*d]`` out."""
+        """Attends within each document of a pack: ``[t, h, d]`` in, ``[t, h*d]`` out (zeros on padding
+        between documents, where ``cu_seqlens_q_padded`` places some)."""
         starts = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         lengths = params.cu_seqlens_q.diff()
         if params.cu_seqlens_kv is not None and not torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q):
             raise ValueError("packed self-attention needs cu_seqlens_kv equal to cu_seqlens_q")
-        out = query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
+        # concatenated, not written by index into one output: each indexed write would copy the whole
+        # output gradient again in the backward
+        pieces, end = [], 0
         for start, length in zip(starts[:-1].tolist(), lengths.tolist()):
+            pieces.append(self._gap(query, value, start - end))
             doc = slice(start, start + length)
             q, k, v = (t[doc].transpose(0, 1) for t in (query, key, value))  # [h, len, d]
-            out[doc] = self._sdpa(q, k, v, mask=None, causal=causal).transpose(0, 1)
-        return out.reshape(out.shape[0], -1)
+            pieces.append(self._sdpa(q, k, v, mask=None, causal=causal).transpose(0, 1))
+            end = start + length
+        pieces.append(self._gap(query, value, query.shape[0] - end))
+        return torch.cat(pieces).reshape(query.shape[0], -1)
+
+    @staticmethod
+    def _gap(query, value, rows: int) -> torch.Tensor:
+        """The output of ``rows`` padding positions outside every document: zeros."""
+        return query.new_zeros(rows, query.shape[1], value.shape[2])
 
     def _sdpa(self, q, k, v, mask, causal):
         groups_per_head = q.shape[-3] // k.shape[-3]
