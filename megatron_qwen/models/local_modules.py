@@ -102,18 +102,18 @@ class SDPAttention(EmptyExtraState, MegatronModule):
         # output gradient again in the backward
         pieces, end = [], 0
         for start, length in zip(starts[:-1].tolist(), lengths.tolist()):
-            pieces.append(self._gap(query, value, start - end))
+            pieces += self._gap(query, value, start - end)
             doc = slice(start, start + length)
             q, k, v = (t[doc].transpose(0, 1) for t in (query, key, value))  # [h, len, d]
             pieces.append(self._sdpa(q, k, v, mask=None, causal=causal).transpose(0, 1))
             end = start + length
-        pieces.append(self._gap(query, value, query.shape[0] - end))
+        pieces += self._gap(query, value, query.shape[0] - end)
         return torch.cat(pieces).reshape(query.shape[0], -1)
 
     @staticmethod
-    def _gap(query, value, rows: int) -> torch.Tensor:
-        """The output of ``rows`` padding positions outside every document: zeros."""
-        return query.new_zeros(rows, query.shape[1], value.shape[2])
+    def _gap(query, value, rows: int) -> list[torch.Tensor]:
+        """The output of ``rows`` padding positions outside every document (zeros), as a list of pieces."""
+        return [query.new_zeros(rows, query.shape[1], value.shape[2])] if rows else []
 
     def _sdpa(self, q, k, v, mask, causal):
         groups_per_head = q.shape[-3] // k.shape[-3]
