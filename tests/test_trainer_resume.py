@@ -94,6 +94,12 @@ def test_padfree_updates_take_a_varying_number_of_rows(runs):
     assert all(count % 4 == 0 and count <= 8 for count in rows), rows
     assert len(set(rows)) > 1, rows
     assert [record["rows"] for record in step_records(work / "pack" / "full")] == [8] * STEPS
+    # resumed at micro-batch size 1 (still data-parallel size 2) the same conversations take multiples of 2 rows,
+    # fewer than before for some update, so the layout test below compares really differently split updates
+    before = [record["rows"] for record in step_records(work / "padfree" / "full_no_dropout")][3:]
+    resumed = [record["rows"] for record in step_records(work / "padfree" / "stopped_no_dropout")][3:]
+    assert all(count % 2 == 0 for count in resumed), resumed
+    assert any(mine < theirs for mine, theirs in zip(resumed, before)), (resumed, before)
 
 
 def test_resume_at_another_layout_continues_within_float32_tolerance(mode):
