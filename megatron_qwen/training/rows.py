@@ -18,8 +18,8 @@ takes ``n - 1`` positions and the first token of a conversation is never the tar
   gradients, data position) is ``pad``'s; but they are packed, longest first, each into the row with the
   least free space that holds it (a new row when none does), and all-padding rows are added up to a multiple
   of ``row_multiple`` (data-parallel size x micro-batch size, x pipeline size when interleaved) so that every
-  rank runs the same number of micro-batches. The number of rows, and so the compute of an update, follows the conversations' lengths:
-  about a third of ``pad``'s on a typical SFT length distribution.
+  rank runs the same number of micro-batches. The number of rows, and so the compute of an update, follows
+  the conversations' lengths: about a third of ``pad``'s on a typical SFT length distribution.
 
 ``pack`` and ``padfree`` micro-batches are one THD sequence ``[1, micro_batch_size * seq_length]``: the rows
 are concatenated and ``cu_seqlens`` lists every conversation's boundary of every row (and the padding tail of

@@ -160,9 +160,14 @@ class Trainer:
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
-            f"kernel fusions: "
-            f"{', '.join(name for name, on in gpu_fusions(params_dtype(config.model)).items() if on) or 'none (CPU)'}"
+            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}"
         )
+
+    def fusions_in_use(self) -> list[str]:
+        """The ``gpu_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
+        model_config = self.chunks[0].config
+        names = (*FUSED_KERNELS, "gradient_accumulation_fusion")
+        return [name for name in names if getattr(model_config, name)]
 
     def layout(self) -> dict:
         parallel = self.config.parallel
