@@ -80,7 +80,7 @@ def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
     run_python("convert_save_iterations.py", tmp_path / "root", out)
     result = json.loads(out.read_text())
     assert result["iterations"] == [2, 3] and result["latest"] == 3
-    assert result["entries"] == ["iter_0000002", "iter_0000003", "latest"]  # no .partial left
+    assert result["entries"] == ["iter_0000002", "iter_0000003", "latest"]  # no .partial or .old left
     assert "junk" not in result["files"]  # the stale .partial was discarded, not renamed into place
     assert {"metadata.json", "model_config.json", "tokenizer/manifest.json", "tokenizer/tokenizer.json",
             "trainer/state.json"} <= set(result["files"])

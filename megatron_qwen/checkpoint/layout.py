@@ -16,8 +16,9 @@ its global shape, whatever tensor/pipeline-parallel layout saved it, so any layo
 
 Writes are atomic from a reader's point of view: an iteration is written into
 ``iter_NNNNNNN.partial``, renamed into place once complete, and only then is ``latest`` replaced
-(by renaming a fully written temporary file). A crash leaves at most a ``.partial`` directory, which
-the next save of that iteration removes. Collective calls (``save_iteration``, ``load_model``) run on
+(by renaming a fully written temporary file). A crash or a kill during a save leaves a ``.partial``
+(or ``.old``) directory behind, which the next complete save removes, whatever its iteration (a large
+model's leftover holds hundreds of GB). Collective calls (``save_iteration``, ``load_model``) run on
 every rank; file-system changes are made by global rank 0 on a file system all ranks share.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_MANIFEST = "manifest.json"
 _ITERATION_RE = re.compile(r"iter_(\d{7})")
+_LEFTOVER_RE = re.compile(r"iter_\d{7}\.(partial|old)")
 
 
 def iteration_name(iteration: int) -> str:
@@ -162,6 +164,7 @@ def save_iteration(
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
         _replace_dir(staging, final)
         _write_atomically(root / LATEST, f"{iteration}\n")
+        _remove_leftovers(root)
         if keep_last is not None:
             prune(root, keep_last)
     _barrier()
@@ -210,6 +213,13 @@ def _replace_dir(staging: Path, final: Path) -> None:
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging directories of interrupted saves (module docstring); only the writer saves, so none is in use."""
+    for path in root.iterdir():
+        if path.is_dir() and _LEFTOVER_RE.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:

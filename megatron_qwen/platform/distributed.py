@@ -8,6 +8,7 @@ gloo and CPU mode; GPU runs use NCCL, one GPU per local rank.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -25,10 +26,15 @@ def initialize(
     virtual_pipeline_parallel: int | None = None,
     seed: int = 1234,
     cpu: bool | None = None,
+    timeout_minutes: float = 30.0,
 ) -> None:
     """Starts torch.distributed and megatron-core's model-parallel groups, then seeds every RNG.
 
-    ``cpu=None`` means: CPU when no GPU is visible.
+    ``cpu=None`` means: CPU when no GPU is visible. ``timeout_minutes`` is how long any collective, in the
+    world group and in megatron's groups alike, waits for the last rank before it fails. torch's own default
+    for the NCCL world group is 10 minutes, megatron's for its groups 30; checkpoint saves and loads run in
+    the world group, and a large model's save on a slow shared file system can keep the other ranks
+    waiting at a barrier for longer than 10 minutes.
     """
     from megatron.core import parallel_state, tensor_parallel as mcore_tp
 
@@ -37,11 +43,12 @@ def initialize(
     if cpu:
         enable_cpu_mode()
     rank, world_size, local_rank = _launch_environment()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
         if not cpu:
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
-            backend="gloo" if cpu else "nccl", rank=rank, world_size=world_size
+            backend="gloo" if cpu else "nccl", rank=rank, world_size=world_size, timeout=timeout
         )
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(
@@ -52,6 +59,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        distributed_timeout_minutes=timeout_minutes,
     )
     # With use_cpu_initialization the weights come from the CPU generator, which
     # model_parallel_cuda_manual_seed does not touch; seed both so that runs repeat.

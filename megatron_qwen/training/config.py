@@ -43,6 +43,9 @@ class ParallelSettings:
     virtual_pipeline: Optional[int] = setting(None, "model chunks per pipeline stage (interleaved 1F1B)")
     sequence_parallel: bool = setting(False, "sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
+    distributed_timeout_minutes: float = setting(
+        30.0, "how long a collective waits for the slowest rank before the run fails (checkpoint saves included)"
+    )
 
 
 @dataclasses.dataclass
@@ -157,6 +160,9 @@ def _problems(config: RunConfig):
         "no preset and no checkpoint to read the model from"
     ), "preset"
     yield not 0.0 <= model.dropout < 1.0 and f"must be in [0, 1), got {model.dropout}", "dropout"
+    yield parallel.distributed_timeout_minutes <= 0 and (
+        f"must be above 0, got {parallel.distributed_timeout_minutes}"
+    ), "distributed_timeout_minutes"
     yield parallel.sequence_parallel and parallel.tensor_parallel < 2 and (
         "needs --tensor-parallel above 1"
     ), "sequence_parallel"

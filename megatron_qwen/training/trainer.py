@@ -118,6 +118,7 @@ class Trainer:
             pipeline_parallel=parallel.pipeline_parallel,
             virtual_pipeline_parallel=parallel.virtual_pipeline,
             seed=training.seed,
+            timeout_minutes=parallel.distributed_timeout_minutes,
         )
         self.world_size = torch.distributed.get_world_size()
         num_micro_batches = config.num_micro_batches(self.world_size)

