@@ -14,7 +14,8 @@ default system turn when it has none) and tokenized whole by the Hugging Face to
 tokens are found by scanning for assistant turns (each reply and the ``<|im_end|>`` closing it); the
 ``transformers`` model computes the mean loss over those tokens and its gradient norm, then takes a step of
 ``torch.optim.AdamW`` after clipping the norm to 1.0, with megatron's convention of no weight decay on
-biases and norm weights; three times. The trainer logs each update's loss and gradient norm before its step.
+biases and norm weights; three times. The trainer logs each update's loss and gradient norm before its step;
+its final checkpoint, exported with ``convert_checkpoint.py mcore-to-hf``, holds the weights of the last step.
 """
 import copy
 import json
@@ -22,12 +23,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from conftest import REPO, run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
 from hf_models import copy_tokenizer, random_qwen2
-from workers.trainer_common import read_records, run_args, run_plan
+from workers.trainer_common import run_args, run_plan, step_records
 
 SEQ_LENGTH = 256
 UPDATES = 3
@@ -88,8 +89,9 @@ def masked_loss(model, examples) -> tuple[torch.Tensor, int]:
     return total / count, count
 
 
-def reference_updates(model, examples) -> list[dict]:
-    """Loss, gradient norm (before clipping) and supervised tokens of each of ``UPDATES`` clipped AdamW steps."""
+def reference_updates(model, examples) -> tuple[list[dict], dict]:
+    """Loss, gradient norm (before clipping) and supervised tokens of each of ``UPDATES`` clipped AdamW steps,
+    and the weights after the last one."""
     model = copy.deepcopy(model).train()
     params = list(model.parameters())  # a tied embedding appears once
     no_decay = [p for name, p in model.named_parameters() if p.ndim == 1 or name.endswith(".bias")]
@@ -106,7 +108,7 @@ def reference_updates(model, examples) -> list[dict]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
         optimizer.step()
         records.append({"loss": loss.item(), "grad_norm": grad_norm, "supervised_tokens": count})
-    return records
+    return records, {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def runs(tmp_path_factory):
                tmp / "tied_pp2_hf", "--output-prefix", tmp / "chats", "--seq-length", SEQ_LENGTH)
     plan = [
         {"name": name, "flags": run_args(
-            str(tmp / "chats"), str(tmp / f"{name}_mc"), tensorboard_dir=str(tmp / name), rows="padfree",
+            str(tmp / "chats"), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
             seq_length=SEQ_LENGTH, global_batch_size=len(CONVERSATIONS), lr=LR, adam_beta1=BETAS[0],
             adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY, clip_grad=CLIP, pad_token_id=151643,
             train_steps=UPDATES, **layout,
@@ -135,13 +137,23 @@ def runs(tmp_path_factory):
     ]
     ended = run_plan(run_torchrun, 2, plan, tmp)
     assert all(result["ended"] == "done" for result in ended.values()), ended
+    exports = [["mcore-to-hf", "--mcore-dir", str(tmp / f"{name}_trained"), "--hf-dir", str(tmp / f"{name}_out")]
+               for name in MODELS]
+    (tmp / "exports.json").write_text(json.dumps(exports))
+    run_python("convert_cli_runs.py", tmp / "exports.json")
     tokenizer = AutoTokenizer.from_pretrained(tmp / "tied_pp2_hf")
     examples = [reference_tokens(tokenizer, row) for row in CONVERSATIONS]
-    return {
-        name: {"records": [r for r in read_records(tmp / name / "metrics.jsonl") if "loss" in r],
-               "reference": reference_updates(models[name], examples)}
-        for name in MODELS
-    }
+    results = {}
+    for name in MODELS:
+        reference, reference_weights = reference_updates(models[name], examples)
+        results[name] = {
+            "records": step_records(tmp / f"{name}_trained"),
+            "reference": reference,
+            "start_weights": models[name].state_dict(),
+            "reference_weights": reference_weights,
+            "exported_weights": Qwen2ForCausalLM.from_pretrained(tmp / f"{name}_out").state_dict(),
+        }
+    return results
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -163,3 +175,14 @@ def test_later_updates_see_the_weights_of_clipped_adamw_steps(runs, name):
     assert all(update["grad_norm"] > CLIP for update in reference)
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_exported_checkpoint_holds_the_weights_of_those_steps(runs, name):
+    start, exported, reference = (runs[name][key] for key in ("start_weights", "exported_weights", "reference_weights"))
+    assert set(exported) == set(reference)
+    for key, weight in reference.items():
+        # AdamW moves every element by about lr per step, and an element whose gradient is near zero may step
+        # either way in two implementations, so each tensor's whole move is compared, not each element's
+        moved, expected = exported[key] - start[key], weight - start[key]
+        assert (moved - expected).norm() <= 1e-2 * expected.norm(), key
