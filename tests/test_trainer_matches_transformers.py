@@ -1,16 +1,19 @@
 """The whole finetuning path against ``transformers``: on a converted Hugging Face model the trainer's updates
 have the losses, gradient norms and AdamW steps that ``transformers`` computes on the same conversations.
 
-Two small random Qwen2 models with the real Qwen2 vocabulary (151,936 rows), one with tied embeddings (as
-Qwen2.5-0.5B to 3B) and one without, are saved by ``transformers`` and converted with ``convert_checkpoint.py
-hf-to-mcore``; a handful of chat conversations (both input formats, multi-turn, a system turn, Chinese, code)
-go through ``tools/preprocess_chatml.py`` with the model's ``tokenizer.json``. The trainer then takes three
-updates over all of them (padfree rows, 2 processes: the tied model at pipeline size 2, where the first and
-last stages hold the shared embedding, the untied one at tensor size 2), in float32 with dropout off. The six
-conversations share one packed row, which the reference never builds: it runs each conversation alone.
+Three small random ``transformers`` Qwen2 models with Qwen's 151,936 embedding rows are converted with
+``convert_checkpoint.py hf-to-mcore``: one with tied embeddings (as Qwen2.5-0.5B to 3B) and one without, saved
+by ``transformers`` with the Qwen2 ``tokenizer.json``, and one without grouped-query attention written in the
+first-generation layout (``QWenLMHeadModel``, as Qwen-14B) with ``qwen.tiktoken``. A handful of chat
+conversations (both input formats, multi-turn, a system turn, Chinese, code) go through
+``tools/preprocess_chatml.py`` with each model's tokenizer. The trainer then takes three updates over all of
+them (padfree rows, 2 processes: the tied model at pipeline size 2, where the first and last stages hold the
+shared embedding, the others at tensor size 2), in float32 with dropout off. The six conversations share one
+packed row, which the reference never builds: it runs each conversation alone.
 
 The reference uses none of this repository's code: each conversation is written as ChatML text (with Qwen's
-default system turn when it has none) and tokenized whole by the Hugging Face tokenizer; the supervised
+default system turn when it has none) and tokenized whole by the Hugging Face tokenizer (for the
+first-generation model too: ``qwen.tiktoken`` has the same BPE and ChatML ids); the supervised
 tokens are found by scanning for assistant turns (each reply and the ``<|im_end|>`` closing it); the
 ``transformers`` model computes the mean loss over those tokens and its gradient norm, then takes a step of
 ``torch.optim.AdamW`` after clipping the norm to 1.0, with megatron's convention of no weight decay on
@@ -27,7 +30,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from conftest import REPO, run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
-from hf_models import copy_tokenizer, random_qwen2
+from hf_models import copy_tokenizer, random_qwen2, write_qwen1_checkpoint
 from workers.trainer_common import run_args, run_plan, step_records
 
 SEQ_LENGTH = 256
@@ -49,10 +52,14 @@ CONVERSATIONS = [
     chat(("user", "Write a Python function that returns the square of x."),
          ("assistant", "def square(x):\n    return x * x")),
 ]
-MODELS = {  # name: (seed, tied embeddings, the trainer's layout on 2 processes)
-    "tied_pp2": (21, True, {"pipeline_parallel": 2}),
-    "untied_tp2": (22, False, {"tensor_parallel": 2}),
+# name: (seed, the Hugging Face model, the trainer's layout on 2 processes)
+MODELS = {
+    "tied_pp2": (21, dict(kv_heads=2, tied=True, rope_theta=1e6), {"pipeline_parallel": 2}),
+    "untied_tp2": (22, dict(kv_heads=2, tied=False, rope_theta=1e6), {"tensor_parallel": 2}),
+    # published as QWenLMHeadModel with qwen.tiktoken (Qwen-1.8B to 72B: no GQA, RoPE base 10000)
+    "first_generation_tp2": (23, dict(kv_heads=4, tied=False, rope_theta=1e4), {"tensor_parallel": 2}),
 }
+FIRST_GENERATION = "first_generation_tp2"
 
 
 def turns(row: dict) -> list[tuple[str, str]]:
@@ -114,21 +121,25 @@ def reference_updates(model, examples) -> tuple[list[dict], dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matches_transformers")
-    models = {name: random_qwen2(seed, layers=2, heads=4, kv_heads=2, vocab=151936, tied=tied, rope_theta=1e6)
-              for name, (seed, tied, _) in MODELS.items()}
+    models = {name: random_qwen2(seed, layers=2, heads=4, vocab=151936, **shape)
+              for name, (seed, shape, _) in MODELS.items()}
     commands = []
     for name, model in models.items():
-        model.save_pretrained(tmp / f"{name}_hf")
-        copy_tokenizer(tmp / f"{name}_hf")
+        if name == FIRST_GENERATION:
+            write_qwen1_checkpoint(model, tmp / f"{name}_hf")
+        else:
+            model.save_pretrained(tmp / f"{name}_hf")
+            copy_tokenizer(tmp / f"{name}_hf")
         commands.append(["hf-to-mcore", "--hf-dir", str(tmp / f"{name}_hf"), "--mcore-dir", str(tmp / f"{name}_mc")])
     (tmp / "commands.json").write_text(json.dumps(commands))
     run_python("convert_cli_runs.py", tmp / "commands.json")
     write_jsonl(tmp / "chats.jsonl", CONVERSATIONS)
-    run_python(REPO / "tools" / "preprocess_chatml.py", "--input", tmp / "chats.jsonl", "--tokenizer",
-               tmp / "tied_pp2_hf", "--output-prefix", tmp / "chats", "--seq-length", SEQ_LENGTH)
+    for dataset, tokenizer_dir in (("chats", "tied_pp2_hf"), ("chats_tiktoken", f"{FIRST_GENERATION}_hf")):
+        run_python(REPO / "tools" / "preprocess_chatml.py", "--input", tmp / "chats.jsonl", "--tokenizer",
+                   tmp / tokenizer_dir, "--output-prefix", tmp / dataset, "--seq-length", SEQ_LENGTH)
     plan = [
         {"name": name, "flags": run_args(
-            str(tmp / "chats"), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
+            str(tmp / ("chats_tiktoken" if name == FIRST_GENERATION else "chats")), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
             seq_length=SEQ_LENGTH, global_batch_size=len(CONVERSATIONS), lr=LR, adam_beta1=BETAS[0],
             adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY, clip_grad=CLIP, pad_token_id=151643,
             train_steps=UPDATES, **layout,
