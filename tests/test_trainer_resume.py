@@ -1,6 +1,7 @@
 """Checkpoints of the trainer on 4 CPU processes: stop-and-resume is bit-exact with dropout 0.1 and the
 distributed optimizer on torch AdamW; a resume at another TP/PP layout and micro-batch size continues within
-float32 tolerance; SIGTERM saves and exits; a NaN loss stops without a new checkpoint.
+float32 tolerance; SIGTERM saves and exits (before a validation due at that update); a NaN loss stops
+without a new checkpoint.
 
 Each is checked for packed rows (``--rows pack``) and for the trainer's default, ``--rows padfree``, whose
 number of rows and micro-batches changes from update to update and, on the other layout, follows the new
@@ -11,7 +12,7 @@ resumed run is the same run uninterrupted: its losses and gradient norms, update
 import pytest
 
 from conftest import run_python, run_torchrun
-from workers.trainer_common import fixture_dir, run_args, run_plan, step_records
+from workers.trainer_common import fixture_dir, read_records, run_args, run_plan, step_records
 
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.training.faults import NAN_AT, SIGTERM_AT
@@ -46,6 +47,7 @@ def runs(tmp_path_factory):
             run(rows, "relayout", save_dir="stopped_no_dropout", tensor_parallel=1, pipeline_parallel=2,
                 micro_batch_size=1),
             run(rows, "nan", env={NAN_AT: 2}, save_interval=1),
+            run(rows, "stopped_at_validation", env={SIGTERM_AT: 2}, valid_fraction=0.2, eval_interval=1),
         ]
     results = run_plan(run_torchrun, 4, plan, work)
     return results, work
@@ -64,6 +66,16 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(mode):
     results, work = mode
     assert results["stopped"]["ended"] == "SIGTERM"
     assert results["stopped_no_dropout"]["ended"] == "SIGTERM"
+
+
+def test_a_stop_at_a_validation_update_saves_without_validating(mode):
+    # validation every update, SIGTERM during update 2: the stop is taken before that update's validation
+    results, work = mode
+    assert results["stopped_at_validation"]["ended"] == "SIGTERM"
+    records = read_records(work / "stopped_at_validation" / "tensorboard" / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "validation_loss" in r] == [1]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
+    assert layout.latest_iteration(work / "stopped_at_validation") == 2
 
 
 def test_resume_is_bit_exact_with_dropout_and_the_distributed_optimizer(mode):

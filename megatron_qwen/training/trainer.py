@@ -226,13 +226,14 @@ class Trainer:
                     f"iteration {self.iteration}: loss {result.loss}, gradient norm {result.grad_norm}; stopping "
                     "without writing a checkpoint from this state (the last saved one is intact)"
                 )
-            if training.eval_interval and self.iteration % training.eval_interval == 0:
-                self.validate()
             faults.maybe_signal(self.iteration)
+            # before validation: a preemption warning's grace period goes to the save, not to a validation pass
             if stop.agreed():
                 if checkpoint.save_dir:
                     self.save()
                 return stop.received or "signal on another rank"
+            if training.eval_interval and self.iteration % training.eval_interval == 0:
+                self.validate()
             if checkpoint.save_dir and (
                 self.iteration % checkpoint.save_interval == 0 or self.iteration == training.train_steps
             ):
