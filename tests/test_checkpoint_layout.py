@@ -144,3 +144,67 @@ def test_mcore_to_hf_reports_a_missing_checkpoint_and_an_occupied_output(tmp_pat
     (tmp_path / "o" / "config.json").write_text("{}")
     error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
     assert "exists and is not empty" in error
+
+
+def write_hf_config(folder, **fields):
+    folder.mkdir(exist_ok=True)
+    config = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300, "rms_norm_eps": 1e-6, **fields}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"attention_bias": True}, "attention_bias is true; Qwen3 checkpoints have no attention biases"),
+    ({"use_sliding_window": True}, "sliding-window attention is not implemented"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not implemented"),
+    ({"model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not 'qwen', 'qwen2' or 'qwen3'"),
+])
+def test_hf_to_mcore_refuses_architectures_it_does_not_implement(tmp_path, capsys, fields, message):
+    write_hf_config(tmp_path / "hf", **fields)
+    error = convert_error(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--mcore-dir", tmp_path / "m")
+    assert f"{tmp_path / 'hf' / 'config.json'}: {message}" in error
+    assert not (tmp_path / "m").exists()
+
+
+def test_qwen3_config_defaults_to_transformers_head_dim(tmp_path):
+    from megatron_qwen.models.presets import from_hf_config
+
+    write_hf_config(tmp_path / "hf")  # no head_dim: transformers' Qwen3Config takes 128, not 64 / 4
+    cfg = from_hf_config(tmp_path / "hf")
+    assert (cfg.generation, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias) == ("qwen3", 128, True, False)
+    write_hf_config(tmp_path / "hf", model_type="qwen2")
+    assert from_hf_config(tmp_path / "hf").kv_channels == 16
+
+
+@pytest.mark.parametrize("preset,hf_format,message", [
+    ("qwen3-0.6b", "qwen2", "query/key norms and no QKV bias, which Qwen2ForCausalLM cannot hold; use --format qwen3"),
+    ("qwen3-0.6b", "qwen", "which the first-generation layout cannot hold; use --format qwen3"),
+    ("qwen2.5-0.5b", "qwen3", "has a QKV bias and no query/key norms, which Qwen3ForCausalLM cannot hold"),
+])
+def test_mcore_to_hf_refuses_a_format_that_cannot_hold_the_model(tmp_path, capsys, preset, hf_format, message):
+    from megatron_qwen.models.presets import PRESETS
+
+    folder = make_iteration(tmp_path / "mc", 0)
+    (folder / layout.MODEL_CONFIG).write_text(PRESETS[preset].to_json())
+    (tmp_path / "mc" / layout.LATEST).write_text("0")
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o",
+                          "--format", hf_format)
+    assert message in error
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_mcore_to_hf_asks_which_system_prompt_when_the_training_data_had_several(tmp_path, capsys):
+    from megatron_qwen.models.presets import PRESETS
+
+    folder = make_iteration(tmp_path / "mc", 0)
+    (folder / layout.MODEL_CONFIG).write_text(PRESETS["tiny"].to_json())
+    (folder / layout.CHAT_SETTINGS).write_text(layout.chat_settings(["Be brief.", "", "Be brief."]))
+    (tmp_path / "mc" / layout.LATEST).write_text("0")
+    assert layout.training_system_prompts(folder) == ["", "Be brief."]
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
+    assert "trained on datasets with different default system prompts ['', 'Be brief.']" in error
+    assert "--system-prompt" in error
+    # with the choice made, the export goes on (to the next problem of this stub: it has no tokenizer)
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o",
+                          "--system-prompt", "")
+    assert "tokenizer" in error and "system prompts" not in error

@@ -11,6 +11,9 @@ Three source checkpoints, all made with ``transformers``:
   by the documented first-generation mapping (``hf_models.write_qwen1_checkpoint``: fused ``c_attn``,
   ``w2`` = gate, ``w1`` = up), in indexed PyTorch ``.bin`` shards with ``qwen.tiktoken``. Its expectations come
   from ``c_ref`` (``transformers``' own logits and tensors), never from the converter's mapping.
+* ``d``: Qwen3 (``Qwen3ForCausalLM``: per-head query/key norms, no biases) with a ``head_dim`` of 32 where
+  ``hidden_size / heads`` is 16, grouped-query attention and padded embedding rows; exported in its default
+  format, ``qwen3``.
 
 Weights are re-drawn (``hf_models.random_qwen2``) so that a misplaced norm or bias would not go unnoticed.
 """
@@ -26,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import REPO, run_python, run_torchrun
 from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
@@ -38,6 +41,7 @@ SHAPES = {
     "a": dict(layers=4, heads=4, kv_heads=2, vocab=300, tied=False, rope_theta=1e6),
     "b": dict(layers=2, heads=4, kv_heads=2, vocab=151936, tied=True, rope_theta=1e6),
     "c": dict(layers=2, heads=4, kv_heads=4, vocab=300, tied=False, rope_theta=10000.0),
+    "d": dict(layers=2, heads=4, kv_heads=2, vocab=300, tied=False, rope_theta=1e6, head_dim=32),
 }
 
 
@@ -65,6 +69,8 @@ def converted(tmp_path_factory):
     copy_tokenizer(tmp / "b_hf")
     assert (tmp / "b_hf" / "model.safetensors.index.json").is_file()  # the indexed path is exercised
     write_qwen1_checkpoint(models["c"], tmp / "c_hf")
+    models["d"].save_pretrained(tmp / "d_hf")
+    copy_tokenizer(tmp / "d_hf")
     other = random_qwen2(11, **SHAPES["a"])  # same shapes as "a", other weights
     other.save_pretrained(tmp / "other_hf")
     copy_tokenizer(tmp / "other_hf")
@@ -73,11 +79,13 @@ def converted(tmp_path_factory):
         ["hf-to-mcore", "--hf-dir", tmp / "a_hf", "--mcore-dir", tmp / "a_mc"],
         ["hf-to-mcore", "--hf-dir", tmp / "b_hf", "--mcore-dir", tmp / "b_mc"],
         ["hf-to-mcore", "--hf-dir", tmp / "c_hf", "--mcore-dir", tmp / "c_mc"],
+        ["hf-to-mcore", "--hf-dir", tmp / "d_hf", "--mcore-dir", tmp / "d_mc"],
         ["mcore-to-hf", "--mcore-dir", tmp / "a_mc", "--hf-dir", tmp / "a_out"],
         ["mcore-to-hf", "--mcore-dir", tmp / "b_mc", "--hf-dir", tmp / "b_out", "--max-shard-gb", "0.01"],
         ["mcore-to-hf", "--mcore-dir", tmp / "c_mc", "--hf-dir", tmp / "c_out_qwen", "--format", "qwen"],
         ["mcore-to-hf", "--mcore-dir", tmp / "c_mc", "--hf-dir", tmp / "c_out_qwen2", "--format", "qwen2",
          "--iteration", "0"],
+        ["mcore-to-hf", "--mcore-dir", tmp / "d_mc", "--hf-dir", tmp / "d_out"],
     ]
     (tmp / "commands.json").write_text(json.dumps([[str(arg) for arg in command] for command in commands]))
     run_python("convert_cli_runs.py", tmp / "commands.json")
@@ -133,8 +141,8 @@ def test_iteration_zero_records_config_and_tokenizer(converted):
     assert qwen1_manifest["files"]["qwen.tiktoken"] == hashlib.sha256(QWEN_TIKTOKEN.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("name", ["a", "b"])
-def test_qwen2_round_trip_reproduces_every_tensor(converted, name):
+@pytest.mark.parametrize("name", ["a", "b", "d"])
+def test_qwen2_and_qwen3_round_trip_reproduces_every_tensor(converted, name):
     source = read_safetensors_dir(converted.dir / f"{name}_hf")
     exported = read_safetensors_dir(converted.dir / f"{name}_out")
     assert sorted(exported) == sorted(source)
@@ -161,9 +169,10 @@ def test_first_generation_exported_as_qwen2_equals_the_transformers_model(conver
         assert torch.equal(exported[tensor_name], tensor), tensor_name
 
 
-@pytest.mark.parametrize("name", ["a", "b"])
+@pytest.mark.parametrize("name", ["a", "b", "d"])
 def test_exported_model_loads_in_transformers_with_the_same_logits(converted, name):
-    loaded = Qwen2ForCausalLM.from_pretrained(converted.dir / f"{name}_out").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(converted.dir / f"{name}_out").eval()
+    assert type(loaded) is type(converted.models[name])  # Qwen3 is exported as Qwen3, the others as Qwen2
     assert loaded.model.embed_tokens.weight.shape == (SHAPES[name]["vocab"], HIDDEN)  # no padding rows
     assert loaded.config.tie_word_embeddings == SHAPES[name]["tied"]
     for ids in PROMPTS:
@@ -191,6 +200,25 @@ def test_exported_tokenizer_renders_the_training_chatml(converted, monkeypatch):
     assert list(served_ids) == training_ids
     generation = GenerationConfig.from_pretrained(out)
     assert {151645, 151643} <= set(generation.eos_token_id)
+
+
+@pytest.mark.parametrize("system_prompt", ["", "Answer in French."])
+def test_chat_template_for_another_default_system_prompt_renders_the_training_chatml(converted, system_prompt):
+    from megatron_qwen.checkpoint.hf_chat import chat_template
+    from megatron_qwen.data.chatml import ChatMLRenderer, Message, with_system_prompt
+    from megatron_qwen.data.tokenizer import load_tokenizer
+
+    out = converted.dir / "b_out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}]
+    text = tokenizer.apply_chat_template(chat, chat_template=chat_template(system_prompt), tokenize=False)
+    system_turn = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+    assert text.startswith(system_turn + "<|im_start|>user\n")
+    messages = with_system_prompt([Message(m["role"], m["content"]) for m in chat], system_prompt)
+    training_ids, _ = ChatMLRenderer(load_tokenizer(str(out))).render(messages)
+    served_ids = tokenizer.apply_chat_template(chat, chat_template=chat_template(system_prompt), tokenize=True,
+                                               return_dict=False)
+    assert list(served_ids) == training_ids
 
 
 def test_export_writes_safetensors_shards_with_an_index(converted):

@@ -19,6 +19,17 @@ QWEN25_PUBLISHED_TOTALS = {
     "qwen2.5-72b": 72.7e9,
 }
 
+# Non-embedding parameters (no embedding, no output layer) published on the Qwen3 model cards; the cards' totals
+# are rounded to two significant digits (e.g. "1.7B"), these to two or three.
+QWEN3_PUBLISHED_NON_EMBEDDING = {
+    "qwen3-0.6b": 0.44e9,
+    "qwen3-1.7b": 1.4e9,
+    "qwen3-4b": 3.6e9,
+    "qwen3-8b": 6.95e9,
+    "qwen3-14b": 13.2e9,
+    "qwen3-32b": 31.2e9,
+}
+
 # First-generation config.json values (hidden_size, num_hidden_layers, intermediate_size, vocab_size),
 # as published in Qwen/Qwen-{1_8B,7B,14B,72B}; intermediate_size is twice the per-branch FFN.
 QWEN1_CONFIGS = {
@@ -60,7 +71,13 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(QWEN25_PUBLISHED_TOTALS))
 def test_qwen25_parameter_count_matches_model_card(results, name):
     published = QWEN25_PUBLISHED_TOTALS[name]
-    assert abs(results["parameter_counts"][name] - published) / published < 0.01
+    assert abs(results["parameter_counts"][name]["total"] - published) / published < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_PUBLISHED_NON_EMBEDDING))
+def test_qwen3_non_embedding_parameter_count_matches_model_card(results, name):
+    published = QWEN3_PUBLISHED_NON_EMBEDDING[name]
+    assert abs(results["parameter_counts"][name]["non_embedding"] - published) / published < 0.01
 
 
 def dense_qwen1_parameters(hidden, layers, intermediate, vocab):
@@ -72,11 +89,19 @@ def dense_qwen1_parameters(hidden, layers, intermediate, vocab):
 @pytest.mark.parametrize("name", sorted(QWEN1_CONFIGS))
 def test_qwen1_parameter_count_matches_config(results, name):
     expected = dense_qwen1_parameters(*QWEN1_CONFIGS[name])
-    assert abs(results["parameter_counts"][name] - expected) / expected < 0.01
+    assert abs(results["parameter_counts"][name]["total"] - expected) / expected < 0.01
 
 
 def test_local_spec_checkpoint_keys_are_the_transformer_engine_names(results):
     assert results["checkpoint_keys"] == TE_CHECKPOINT_KEYS
+
+
+def test_qwen3_checkpoint_keys_are_the_transformer_engine_names(results):
+    # TE's spec builds the query and key norms as TE norm modules of their own, like the final norm
+    norms = [f"decoder.layers.self_attention.{which}_layernorm.{entry}" for which in "qk"
+             for entry in ("weight", "_extra_state")]
+    expected = set(TE_CHECKPOINT_KEYS) - {"decoder.layers.self_attention.linear_qkv.bias"} | set(norms)
+    assert results["qwen3_checkpoint_keys"] == sorted(expected)
 
 
 def test_sdpa_attention_equals_megatron_dot_product_attention(results):

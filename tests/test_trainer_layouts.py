@@ -62,6 +62,7 @@ def records(tmp_path_factory):
         for name, settings in {**PAD_RUNS, **PADFREE_RUNS}.items()
     ]
     plan += [entry(name, str(data / "plain"), settings) for name, settings in PACK_RUNS.items()]
+    plan.append(entry("dp4_sampled_validation", str(data / "plain"), {**validated, "eval_conversations": 2}))
     blend = [str(data / "half_a"), str(data / "half_b")]
     plan += [entry(name, blend, {**settings, "data_weights": [1, 3]}) for name, settings in BLEND_RUNS.items()]
     ended = run_plan(run_torchrun, 4, plan, work)
@@ -121,6 +122,14 @@ def test_validation_loss_is_logged_and_layout_independent(records):
     for name in PAD_RUNS:
         found = [r["validation_loss"] for r in records[name] if "validation_loss" in r]
         assert found == pytest.approx(reference, rel=1e-5), name
+
+
+def test_validation_can_run_on_a_sample_of_the_held_out_conversations(records):
+    assert_same_steps(records, "dp4_sampled_validation", "dp4_mbs1")
+    reference = [r["validation_loss"] for r in records["dp4_mbs1"] if "validation_loss" in r]
+    sampled = [r["validation_loss"] for r in records["dp4_sampled_validation"] if "validation_loss" in r]
+    assert len(sampled) == 2
+    assert all(abs(a - b) > 1e-3 for a, b in zip(sampled, reference))  # 2 of the 10 held out
 
 
 def test_learning_rate_follows_the_warmup(records):

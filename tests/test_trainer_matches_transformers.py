@@ -1,18 +1,21 @@
 """The whole finetuning path against ``transformers``: on a converted Hugging Face model the trainer's updates
 have the losses, gradient norms and AdamW steps that ``transformers`` computes on the same conversations.
 
-Three small random ``transformers`` Qwen2 models with Qwen's 151,936 embedding rows are converted with
-``convert_checkpoint.py hf-to-mcore``: one with tied embeddings (as Qwen2.5-0.5B to 3B) and one without, saved
-by ``transformers`` with the Qwen2 ``tokenizer.json``, and one without grouped-query attention written in the
-first-generation layout (``QWenLMHeadModel``, as Qwen-14B) with ``qwen.tiktoken``. A handful of chat
+Four small random ``transformers`` models with Qwen's 151,936 embedding rows are converted with
+``convert_checkpoint.py hf-to-mcore``: a Qwen2 with tied embeddings (as Qwen2.5-0.5B to 3B) and one without,
+a Qwen3 (per-head query/key norms, no biases, ``head_dim`` 32 where ``hidden / heads`` is 16; tied), all saved
+by ``transformers`` with the Qwen2/3 ``tokenizer.json``, and a Qwen2 without grouped-query attention written in
+the first-generation layout (``QWenLMHeadModel``, as Qwen-14B) with ``qwen.tiktoken``. A handful of chat
 conversations (both input formats, multi-turn, a system turn, Chinese, code) go through
-``tools/preprocess_chatml.py`` with each model's tokenizer. The trainer then takes three updates over all of
-them (padfree rows, 2 processes: the tied model at pipeline size 2, where the first and last stages hold the
-shared embedding, the others at tensor size 2), in float32 with dropout off. The six conversations share one
-packed row, which the reference never builds: it runs each conversation alone.
+``tools/preprocess_chatml.py`` with each model's tokenizer, for Qwen3 with ``--system-prompt ''`` (Qwen3's own
+template adds no default system turn), which its exported chat template must follow. The trainer then takes
+three updates over all of them (padfree rows, 2 processes: the tied Qwen2 at pipeline size 2, where the first
+and last stages hold the shared embedding, the others at tensor size 2, Qwen3 with sequence parallelism, where
+each rank's query/key norm gradients cover only its own heads), in float32 with dropout off. The six
+conversations share one packed row, which the reference never builds: it runs each conversation alone.
 
 The reference uses none of this repository's code: each conversation is written as ChatML text (with Qwen's
-default system turn when it has none) and tokenized whole by the Hugging Face tokenizer (for the
+default system turn when it has none, except for Qwen3) and tokenized whole by the Hugging Face tokenizer (for the
 first-generation model too: ``qwen.tiktoken`` has the same BPE and ChatML ids); the supervised
 tokens are found by scanning for assistant turns (each reply and the ``<|im_end|>`` closing it); the
 ``transformers`` model computes the mean loss over those tokens and its gradient norm, then takes a step of
@@ -26,7 +29,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
@@ -52,28 +55,35 @@ CONVERSATIONS = [
     chat(("user", "Write a Python function that returns the square of x."),
          ("assistant", "def square(x):\n    return x * x")),
 ]
-# name: (seed, the Hugging Face model, the trainer's layout on 2 processes)
+# name: (seed, the Hugging Face model, the trainer's layout on 2 processes, the default system prompt of its data)
 MODELS = {
-    "tied_pp2": (21, dict(kv_heads=2, tied=True, rope_theta=1e6), {"pipeline_parallel": 2}),
-    "untied_tp2": (22, dict(kv_heads=2, tied=False, rope_theta=1e6), {"tensor_parallel": 2}),
+    "tied_pp2": (21, dict(kv_heads=2, tied=True, rope_theta=1e6), {"pipeline_parallel": 2}, DEFAULT_SYSTEM),
+    "untied_tp2": (22, dict(kv_heads=2, tied=False, rope_theta=1e6), {"tensor_parallel": 2}, DEFAULT_SYSTEM),
     # published as QWenLMHeadModel with qwen.tiktoken (Qwen-1.8B to 72B: no GQA, RoPE base 10000)
-    "first_generation_tp2": (23, dict(kv_heads=4, tied=False, rope_theta=1e4), {"tensor_parallel": 2}),
+    "first_generation_tp2": (23, dict(kv_heads=4, tied=False, rope_theta=1e4), {"tensor_parallel": 2},
+                             DEFAULT_SYSTEM),
+    "qwen3_tp2_sp": (24, dict(kv_heads=2, tied=True, rope_theta=1e6, head_dim=32),
+                     {"tensor_parallel": 2, "sequence_parallel": True}, ""),
 }
 FIRST_GENERATION = "first_generation_tp2"
 
 
-def turns(row: dict) -> list[tuple[str, str]]:
+def turns(row: dict, system_prompt: str) -> list[tuple[str, str]]:
     if "messages" in row:
         pairs = [(message["role"], message["content"]) for message in row["messages"]]
     else:
         roles = {"human": "user", "gpt": "assistant"}
         pairs = [(roles[message["from"]], message["value"]) for message in row["conversations"]]
-    return pairs if pairs[0][0] == "system" else [("system", DEFAULT_SYSTEM), *pairs]
+    return pairs if pairs[0][0] == "system" or not system_prompt else [("system", system_prompt), *pairs]
 
 
-def reference_tokens(tokenizer, row: dict) -> tuple[list[int], list[bool]]:
+def chatml(pairs) -> str:
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in pairs)
+
+
+def reference_tokens(tokenizer, row: dict, system_prompt: str) -> tuple[list[int], list[bool]]:
     """ChatML text tokenized whole; ``targets[i]``: token i is supervised (a reply or its ``<|im_end|>``)."""
-    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns(row))
+    text = chatml(turns(row, system_prompt))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     targets, in_reply = [], False
     for index, token in enumerate(ids):
@@ -122,7 +132,7 @@ def reference_updates(model, examples) -> tuple[list[dict], dict]:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matches_transformers")
     models = {name: random_qwen2(seed, layers=2, heads=4, vocab=151936, **shape)
-              for name, (seed, shape, _) in MODELS.items()}
+              for name, (seed, shape, _, _) in MODELS.items()}
     commands = []
     for name, model in models.items():
         if name == FIRST_GENERATION:
@@ -134,17 +144,18 @@ def runs(tmp_path_factory):
     (tmp / "commands.json").write_text(json.dumps(commands))
     run_python("convert_cli_runs.py", tmp / "commands.json")
     write_jsonl(tmp / "chats.jsonl", CONVERSATIONS)
-    for dataset, tokenizer_dir in (("chats", "tied_pp2_hf"), ("chats_tiktoken", f"{FIRST_GENERATION}_hf")):
+    for name, (_, _, _, system_prompt) in MODELS.items():
         run_python(REPO / "tools" / "preprocess_chatml.py", "--input", tmp / "chats.jsonl", "--tokenizer",
-                   tmp / tokenizer_dir, "--output-prefix", tmp / dataset, "--seq-length", SEQ_LENGTH)
+                   tmp / f"{name}_hf", "--output-prefix", tmp / f"{name}_chats", "--seq-length", SEQ_LENGTH,
+                   "--system-prompt", system_prompt)
     plan = [
         {"name": name, "flags": run_args(
-            str(tmp / ("chats_tiktoken" if name == FIRST_GENERATION else "chats")), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
+            str(tmp / f"{name}_chats"), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
             seq_length=SEQ_LENGTH, global_batch_size=len(CONVERSATIONS), lr=LR, adam_beta1=BETAS[0],
             adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY, clip_grad=CLIP, pad_token_id=151643,
             train_steps=UPDATES, **layout,
         )}
-        for name, (_, _, layout) in MODELS.items()
+        for name, (_, _, layout, _) in MODELS.items()
     ]
     ended = run_plan(run_torchrun, 2, plan, tmp)
     assert all(result["ended"] == "done" for result in ended.values()), ended
@@ -153,16 +164,18 @@ def runs(tmp_path_factory):
     (tmp / "exports.json").write_text(json.dumps(exports))
     run_python("convert_cli_runs.py", tmp / "exports.json")
     tokenizer = AutoTokenizer.from_pretrained(tmp / "tied_pp2_hf")
-    examples = [reference_tokens(tokenizer, row) for row in CONVERSATIONS]
     results = {}
-    for name in MODELS:
+    for name, (_, _, _, system_prompt) in MODELS.items():
+        examples = [reference_tokens(tokenizer, row, system_prompt) for row in CONVERSATIONS]
         reference, reference_weights = reference_updates(models[name], examples)
         results[name] = {
             "records": step_records(tmp / f"{name}_trained"),
             "reference": reference,
             "start_weights": models[name].state_dict(),
             "reference_weights": reference_weights,
-            "exported_weights": Qwen2ForCausalLM.from_pretrained(tmp / f"{name}_out").state_dict(),
+            "exported_weights": AutoModelForCausalLM.from_pretrained(tmp / f"{name}_out").state_dict(),
+            "exported_chat_template": (tmp / f"{name}_out" / "chat_template.jinja").read_text(),
+            "tokenizer": tokenizer,
         }
     return results
 
@@ -197,3 +210,12 @@ def test_the_exported_checkpoint_holds_the_weights_of_those_steps(runs, name):
         # either way in two implementations, so each tensor's whole move is compared, not each element's
         moved, expected = exported[key] - start[key], weight - start[key]
         assert (moved - expected).norm() <= 1e-2 * expected.norm(), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_exported_chat_template_adds_the_system_prompt_the_model_was_trained_with(runs, name):
+    system_prompt, template = MODELS[name][3], runs[name]["exported_chat_template"]
+    for row in CONVERSATIONS:
+        messages = [{"role": role, "content": content} for role, content in turns(row, "")]
+        rendered = runs[name]["tokenizer"].apply_chat_template(messages, chat_template=template, tokenize=False)
+        assert rendered == chatml(turns(row, system_prompt))

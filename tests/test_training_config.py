@@ -89,6 +89,7 @@ def test_unreadable_recipe_is_named(tmp_path):
         (["--min-lr", "1e-5"], r"--min-lr: above --lr 2e-06"),
         (["--valid-fraction", "1"], r"--valid-fraction: must be in \[0, 1\)"),
         (["--distributed-timeout-minutes", "0"], r"--distributed-timeout-minutes: must be above 0, got 0.0"),
+        (["--eval-conversations", "0"], r"--eval-conversations: must be at least 1 \(or none for all\), got 0"),
     ],
 )
 def test_inconsistent_flags_name_the_flag(flags, message):

@@ -31,6 +31,15 @@ def test_qwen_14b_matches_megatrons_closed_form():
     assert step_flops(model, seq, tokens) == pytest.approx(megatron, rel=1e-12)
 
 
+def test_qwen3_heads_wider_than_hidden_over_heads_are_counted():
+    # Qwen3-0.6B: 16 query heads and 8 key/value groups of 128 on a hidden size of 1024 (16 x 128 = 2048)
+    model, seq = PRESETS["qwen3-0.6b"], 2048
+    weights_per_layer = 1024 * 2048 + 2 * 1024 * 1024 + 2048 * 1024 + 3 * 1024 * 3072  # q, k and v, o, SwiGLU
+    attention = 2 * (2 * seq * 128 * 16)  # Q.K and P.V over the row, 16 heads of 128
+    per_token = 28 * (2 * weights_per_layer + attention) + 2 * 1024 * 151936
+    assert forward_flops_per_token(model, seq) == per_token
+
+
 def test_mfu_against_the_h100_peak():
     assert H100_SXM_BF16_DENSE_PEAK == 989e12
     assert mfu(flops=8 * 989e12, seconds=2.0, num_gpus=8) == pytest.approx(0.5)

@@ -260,6 +260,28 @@ def test_validation_split_is_disjoint_and_covered_once(dataset):
     assert other_seed.valid_items == samples.valid_items
 
 
+def test_validation_runs_on_a_fixed_uniform_sample_of_the_held_out_conversations(tmp_path):
+    prefixes = [write_dataset(tmp_path / f"d{i}", random_conversations(size, seed=i, base=100 * i, max_len=6))
+                for i, size in enumerate([300, 100])]
+    every = SFTSamples(prefixes, valid_fraction=0.5, mode="pad", seq_length=SEQ, seed=0)
+    assert len(every.valid_items) == 200
+    sampled = SFTSamples(prefixes, valid_fraction=0.5, mode="pad", seq_length=SEQ, seed=7, eval_conversations=40)
+    assert len(sampled.valid_items) == len(set(sampled.valid_items)) == 40
+    assert set(sampled.valid_items) <= set(every.valid_items)
+    assert sampled.valid_items == sorted(sampled.valid_items)  # in the held-out order, dataset by dataset
+    # a uniform sample: both datasets in about their 150:50 share (hypergeometric, sd ~2.4), not the first 40
+    from_first = sum(1 for dataset, _ in sampled.valid_items if dataset == 0)
+    assert 20 <= from_first <= 38
+    # the same sample whatever the run's seed, rows or batch size; validation covers each of it once
+    again = SFTSamples(prefixes, valid_fraction=0.5, mode="padfree", seq_length=SEQ, seed=99, eval_conversations=40)
+    assert again.valid_items == sampled.valid_items
+    covered = [item for batch in again.validation_batches(global_batch_size=16) for row in batch for item in row]
+    assert sorted(covered) == sampled.valid_items
+    # a limit above the held-out count keeps them all
+    assert SFTSamples(prefixes, valid_fraction=0.5, mode="pad", seq_length=SEQ, eval_conversations=500).valid_items \
+        == every.valid_items
+
+
 def test_overlong_conversation_is_refused_by_name(tmp_path):
     prefix = write_dataset(tmp_path / "long", [([1] * 5, [1] * 5), ([2] * 12, [1] * 12)], seq_length=12)
     samples = SFTSamples([prefix], mode="pack", seq_length=10, seed=0)

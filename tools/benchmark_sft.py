@@ -10,7 +10,8 @@ For each preset (random weights) it trains two rows on the same device, one afte
 * ``ours``: ``training.trainer.Trainer`` itself (its configuration, data pipeline, step and log), for
   ``--warmup + --steps`` updates; flags this script does not know go to the trainer's configuration (e.g.
   ``--recompute selective``; the peer row ignores them).
-* ``peer``: what a user would otherwise write: ``transformers``' ``Qwen2ForCausalLM`` with bf16 weights (float32
+* ``peer``: what a user would otherwise write: ``transformers``' ``Qwen2ForCausalLM`` (``Qwen3ForCausalLM`` for
+  the Qwen3 presets) with bf16 weights (float32
   with ``--precision fp32``, which the CPU smoke test uses) and ``attn_implementation="sdpa"``, ``torch.optim.AdamW`` (``fused=True`` on CUDA), gradient clipping, the
   same global batches (drawn by the trainer's own sampler from the same dataset and seed), micro-batches,
   sequence length, attention and hidden dropout and token-weighted loss (masked cross-entropy summed over
@@ -293,14 +294,17 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
 
 
 def peer_model(model_config, dtype: torch.dtype, dropout: float, device: torch.device) -> torch.nn.Module:
-    """``Qwen2ForCausalLM`` of the preset's shape, random weights in ``dtype``, SDPA attention, the run's dropout."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """``Qwen2ForCausalLM`` (``Qwen3ForCausalLM`` for a Qwen3 preset) of the preset's shape, random weights in
+    ``dtype``, SDPA attention, the run's dropout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_qwen.checkpoint import hf_qwen2
+    from megatron_qwen.checkpoint.convert import LAYOUTS, default_format
 
-    settings = {**hf_qwen2.hf_config(model_config, dtype), "attention_dropout": dropout, "use_cache": False}
+    settings = {**LAYOUTS[default_format(model_config)].hf_config(model_config, dtype), "attention_dropout": dropout,
+                "use_cache": False}
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**settings), attn_implementation="sdpa", dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
     def hidden_dropout(module, inputs, output):
         if isinstance(output, tuple):  # the attention returns (output, weights)

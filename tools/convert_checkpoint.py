@@ -1,12 +1,13 @@
 """Converts Qwen checkpoints between Hugging Face and megatron-core.
 
   hf-to-mcore --hf-dir DIR --mcore-dir OUT [--tokenizer-dir DIR]
-      Reads a first-generation Qwen (QWenLMHeadModel) or Qwen2/2.5 (Qwen2ForCausalLM) checkpoint
-      (safetensors or .bin, single file or indexed shards) and writes iteration 0 of the checkpoint
+      Reads a first-generation Qwen (QWenLMHeadModel), Qwen2/2.5 (Qwen2ForCausalLM) or Qwen3
+      (Qwen3ForCausalLM) checkpoint (safetensors or .bin, single file or indexed shards) and writes iteration 0 of the checkpoint
       layout in OUT. The tokenizer files come from --hf-dir unless --tokenizer-dir names another folder.
-  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen] [--iteration N]
+  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
       Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
-      index, config.json, the tokenizer files, the ChatML chat template and generation_config.json.
+      index, config.json, the tokenizer files, the ChatML chat template (adding the training data's
+      default system prompt, or --system-prompt, to conversations without one) and generation_config.json.
 
 Runs as a single process on the CPU; check the result with tools/verify_conversion.py.
 """
@@ -28,10 +29,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf = commands.add_parser("mcore-to-hf", help="megatron-core -> Hugging Face")
     to_hf.add_argument("--mcore-dir", required=True)
     to_hf.add_argument("--hf-dir", required=True)
-    to_hf.add_argument("--format", default="qwen2", choices=sorted(LAYOUTS),
-                       help="qwen2: Qwen2ForCausalLM (default, loads in transformers); qwen: first-generation layout")
+    to_hf.add_argument("--format", choices=sorted(LAYOUTS),
+                       help="qwen3: Qwen3ForCausalLM (the default for Qwen3 models); qwen2: Qwen2ForCausalLM (the "
+                            "default for the others); qwen: the first-generation layout (needs Qwen's model code)")
     to_hf.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
     to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GB)")
+    to_hf.add_argument("--system-prompt", help="the chat template's system turn for conversations without one "
+                       "('' for none; default: the one the training data was preprocessed with)")
     return parser.parse_args(argv)
 
 
@@ -42,7 +46,7 @@ def main(argv=None) -> int:
             written = hf_to_mcore(args.hf_dir, args.mcore_dir, args.tokenizer_dir)
         else:
             written = mcore_to_hf(args.mcore_dir, args.hf_dir, args.format, args.iteration,
-                                  int(args.max_shard_gb * 2**30))
+                                  int(args.max_shard_gb * 2**30), args.system_prompt)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"convert_checkpoint.py {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import torch
 
-from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, layout
+from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen3, layout
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader, SafetensorsShardWriter
 from megatron_qwen.checkpoint.mapping import EMBEDDING, OUTPUT_LAYER, from_megatron, ignorable, to_megatron
+from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model
 from megatron_qwen.models.presets import QwenConfig, from_hf_config
 from megatron_qwen.platform import distributed
 
-LAYOUTS = {hf_qwen1.FORMAT: hf_qwen1, hf_qwen2.FORMAT: hf_qwen2}
+LAYOUTS = {module.FORMAT: module for module in (hf_qwen1, hf_qwen2, hf_qwen3)}
 _PADDED = (EMBEDDING, OUTPUT_LAYER)
 
 
 def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Converts a Hugging Face checkpoint (either generation) into iteration 0 of ``mcore_dir``."""
+    """Converts a Hugging Face checkpoint (any of the three generations) into iteration 0 of ``mcore_dir``."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -53,21 +54,25 @@ def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, tokenizer_dir: str | 
 def mcore_to_hf(
     mcore_dir: str | Path,
     hf_dir: str | Path,
-    hf_format: str = hf_qwen2.FORMAT,
+    hf_format: str | None = None,
     iteration: int | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    system_prompt: str | None = None,
 ) -> Path:
-    """Writes one iteration of ``mcore_dir`` as a Hugging Face model directory in ``hf_format``,
-    first under ``HF_DIR.partial``, renamed when complete."""
-    if hf_format not in LAYOUTS:
+    """Writes one iteration of ``mcore_dir`` as a Hugging Face model directory in ``hf_format`` (default:
+    ``default_format`` of the model), first under ``HF_DIR.partial``, renamed when complete. The chat
+    template's default system prompt is ``system_prompt``, else ``template_system_prompt``'s."""
+    if hf_format is not None and hf_format not in LAYOUTS:
         raise ValueError(f"--format must be one of {sorted(LAYOUTS)}, not {hf_format!r}")
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise FileExistsError(f"--hf-dir {hf_dir} exists and is not empty; choose a new directory")
     iteration_dir = layout.resolve_iteration(mcore_dir, iteration)
     cfg = layout.load_config(iteration_dir)
-    manifest = layout.tokenizer_manifest(iteration_dir)
+    hf_format = hf_format or default_format(cfg)
     entries = list(LAYOUTS[hf_format].entries(cfg))  # fails early for a model the format cannot hold
+    system_prompt = template_system_prompt(iteration_dir) if system_prompt is None else system_prompt
+    manifest = layout.tokenizer_manifest(iteration_dir)
     staging = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -75,11 +80,29 @@ def mcore_to_hf(
     (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
     for name in manifest["files"]:
         shutil.copyfile(layout.tokenizer_dir(iteration_dir) / name, staging / name)
-    hf_chat.write_chat_files(staging, manifest["kind"])
+    hf_chat.write_chat_files(staging, manifest["kind"], system_prompt)
     if hf_dir.exists():
         hf_dir.rmdir()
     staging.rename(hf_dir)
     return hf_dir
+
+
+def template_system_prompt(iteration_dir: Path) -> str:
+    """The system prompt the training data put before conversations without one (``tools/preprocess_chatml.py
+    --system-prompt``, recorded by the trainer), so that the served model sees what it was trained on; for a
+    checkpoint the trainer did not write, the preprocessing default."""
+    prompts = layout.training_system_prompts(iteration_dir)
+    if prompts is None:
+        return DEFAULT_SYSTEM_PROMPT
+    if len(prompts) > 1:
+        raise ValueError(f"{iteration_dir}: trained on datasets with different default system prompts {prompts}; "
+                         "choose the chat template's with --system-prompt ('' for none)")
+    return prompts[0]
+
+
+def default_format(cfg: QwenConfig) -> str:
+    """The layout ``transformers`` loads without remote code: Qwen3's for Qwen3, Qwen2's for the other two."""
+    return hf_qwen3.FORMAT if cfg.generation == hf_qwen3.FORMAT else hf_qwen2.FORMAT
 
 
 def _export_weights(iteration_dir: Path, cfg: QwenConfig, entries, writer: SafetensorsShardWriter) -> torch.dtype:

@@ -14,7 +14,7 @@ from megatron_qwen.models.presets import QwenConfig
 
 def interleave_qkv(cfg: QwenConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """megatron's ``linear_qkv`` from separate query, key and value projections (all heads each)."""
-    groups, head_dim = cfg.num_query_groups, cfg.head_dim
+    groups, head_dim = cfg.num_query_groups, cfg.kv_channels
     heads_per_group = cfg.num_attention_heads // groups
     rest = q.shape[1:]
     q = q.reshape(groups, heads_per_group * head_dim, *rest)
@@ -25,7 +25,7 @@ def interleave_qkv(cfg: QwenConfig, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 def split_qkv(cfg: QwenConfig, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The query, key and value projections (heads contiguous in each) from megatron's ``linear_qkv``."""
-    groups, head_dim = cfg.num_query_groups, cfg.head_dim
+    groups, head_dim = cfg.num_query_groups, cfg.kv_channels
     heads_per_group = cfg.num_attention_heads // groups
     rest = qkv.shape[1:]
     per_group = qkv.reshape(groups, (heads_per_group + 2) * head_dim, *rest)

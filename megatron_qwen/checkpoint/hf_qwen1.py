@@ -22,6 +22,9 @@ FORMAT = "qwen"
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
+    if cfg.qk_norm or not cfg.qkv_bias:
+        raise ValueError(f"{cfg.name} has query/key norms and no QKV bias, which the first-generation layout "
+                         "cannot hold; use --format qwen3")
     if cfg.num_query_groups != cfg.num_attention_heads:
         raise ValueError(
             f"the first-generation layout has one key/value head per query head; {cfg.name} has "
@@ -65,7 +68,7 @@ def hf_config(cfg: QwenConfig, dtype: torch.dtype) -> dict:
         "intermediate_size": 2 * cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "kv_channels": cfg.head_dim,
+        "kv_channels": cfg.kv_channels,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "seq_length": cfg.max_position_embeddings,

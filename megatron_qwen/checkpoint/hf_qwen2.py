@@ -4,7 +4,8 @@ Separate ``q_proj``/``k_proj``/``v_proj`` (with bias; grouped-query attention) a
 query group into megatron's ``linear_qkv``; ``gate_proj`` and ``up_proj`` become ``linear_fc1``,
 gate first. Tied checkpoints have no ``lm_head.weight`` (some publish it anyway; it is then ignored).
 ``transformers`` represents first-generation Qwen with this layout too (one key/value head per
-query head), so ``mcore-to-hf --format qwen2`` works for either generation.
+query head), so ``mcore-to-hf --format qwen2`` works for either generation. Qwen3 uses the same names
+without the biases and with per-head query and key norms (``hf_qwen3``, built on ``layer_entries``).
 """
 from __future__ import annotations
 
@@ -22,20 +23,29 @@ FORMAT = "qwen2"
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
-    yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", _layer_entries)
+    if cfg.qk_norm or not cfg.qkv_bias:
+        raise ValueError(f"{cfg.name} has query/key norms and no QKV bias, which Qwen2ForCausalLM cannot hold; "
+                         "use --format qwen3")
+    yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", layer_entries)
 
 
-def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
+def layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
+    """One decoder layer's entries in the ``model.layers.N`` names, with the QKV bias if ``cfg`` has one and
+    the query/key norms if it has them."""
     hf = f"model.layers.{index}."
     layer = MegatronLayer(index)
     yield rename(layer.input_norm, hf + "input_layernorm.weight")
-    for megatron, part in ((layer.qkv_weight, "weight"), (layer.qkv_bias, "bias")):
+    parts = [(layer.qkv_weight, "weight")] + ([(layer.qkv_bias, "bias")] if cfg.qkv_bias else [])
+    for megatron, part in parts:
         yield Entry(
             megatron,
             tuple(f"{hf}self_attn.{p}_proj.{part}" for p in "qkv"),
             fuse=lambda qkv: fused.interleave_qkv(cfg, *qkv),
             split=lambda tensor: fused.split_qkv(cfg, tensor),
         )
+    if cfg.qk_norm:
+        yield rename(layer.q_norm, hf + "self_attn.q_norm.weight")
+        yield rename(layer.k_norm, hf + "self_attn.k_norm.weight")
     yield rename(layer.attention_out, hf + "self_attn.o_proj.weight")
     yield rename(layer.mlp_norm, hf + "post_attention_layernorm.weight")
     yield Entry(

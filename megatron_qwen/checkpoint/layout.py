@@ -9,6 +9,7 @@
         metadata.json, common.pt, __*.distcp, .metadata   megatron-core distributed checkpoint
         model_config.json     the QwenConfig the weights belong to
         tokenizer/            the tokenizer files, and manifest.json with their sha256
+        chat.json             (trainer) the default system prompts of the datasets it trained on
         ...                   files a caller adds (e.g. the trainer's state)
 
 Every iteration directory is complete on its own. The distributed checkpoint stores each tensor at
@@ -42,6 +43,7 @@ LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_MANIFEST = "manifest.json"
+CHAT_SETTINGS = "chat.json"
 _ITERATION_RE = re.compile(r"iter_(\d{7})")
 _LEFTOVER_RE = re.compile(r"iter_\d{7}\.(partial|old)")
 
@@ -114,6 +116,17 @@ def tokenizer_manifest(iteration_dir: str | Path) -> dict:
         if actual != recorded:
             raise ValueError(f"{folder / name}: sha256 {actual} differs from {recorded} recorded in {manifest_path}")
     return manifest
+
+
+def chat_settings(system_prompts: list[str]) -> str:
+    """The ``chat.json`` content for a model trained on datasets rendered with ``system_prompts``."""
+    return json.dumps({"system_prompts": sorted(set(system_prompts))}, indent=1, ensure_ascii=False) + "\n"
+
+
+def training_system_prompts(iteration_dir: str | Path) -> list[str] | None:
+    """The default system prompts the iteration's training data was rendered with (``None``: not trained here)."""
+    path = Path(iteration_dir) / CHAT_SETTINGS
+    return json.loads(path.read_text())["system_prompts"] if path.is_file() else None
 
 
 def sha256_file(path: Path) -> str:

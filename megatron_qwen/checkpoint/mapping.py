@@ -2,7 +2,7 @@
 
 Each ``Entry`` ties one parameter of the TP1/PP1 megatron-core model (local-spec names, as in
 ``GPTModel.state_dict()``) to the Hugging Face tensors it is made of, with the functions that fuse
-them and split it again. A layout module (``hf_qwen1``, ``hf_qwen2``) only lists its entries;
+them and split it again. A layout module (``hf_qwen1``, ``hf_qwen2``, ``hf_qwen3``) only lists its entries;
 ``to_megatron`` and ``from_megatron`` stream over any such list one entry at a time, so at most one
 entry's tensors are alive beyond what the caller keeps.
 """
@@ -43,6 +43,14 @@ class MegatronLayer:
     @property
     def qkv_bias(self) -> str:
         return self._name("self_attention.linear_qkv.bias")
+
+    @property
+    def q_norm(self) -> str:
+        return self._name("self_attention.q_layernorm.weight")
+
+    @property
+    def k_norm(self) -> str:
+        return self._name("self_attention.k_layernorm.weight")
 
     @property
     def attention_out(self) -> str:

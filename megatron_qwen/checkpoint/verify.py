@@ -3,10 +3,10 @@
 The megatron model is built at the current TP/PP layout (``platform.distributed.initialize`` has
 run), loaded from an iteration directory and run with megatron's own pipeline schedule; the rank
 holding the last stage's first tensor-parallel shard gathers the full-vocabulary logits. The
-reference is ``transformers``' ``Qwen2ForCausalLM`` on the Hugging Face directory; a first-generation
-directory is read through the converter's Qwen1 -> Qwen2 mapping (``transformers`` itself has no
-first-generation model class), so for those only the megatron side is independent. The reference
-runs on the host CPU, so the host needs room for the model in the compared dtype.
+reference is ``transformers``' ``Qwen2ForCausalLM`` (``Qwen3ForCausalLM`` for Qwen3) on the Hugging Face
+directory; a first-generation directory is read through the converter's Qwen1 -> Qwen2 mapping
+(``transformers`` itself has no first-generation model class), so for those only the megatron side is
+independent. The reference runs on the host CPU, so the host needs room for the model in the compared dtype.
 
 Compared per prompt: every logit, and the per-token loss (cross entropy of each next token).
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qwen.checkpoint import hf_qwen1, hf_qwen2, layout
+from megatron_qwen.checkpoint import hf_qwen1, hf_qwen2, hf_qwen3, layout
 from megatron_qwen.checkpoint.convert import empty_model
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader
 from megatron_qwen.checkpoint.mapping import from_megatron, to_megatron
@@ -117,12 +117,14 @@ def megatron_logits(model: torch.nn.Module, cfg: QwenConfig, token_ids: list[int
 
 
 def load_transformers(hf_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """``Qwen2ForCausalLM`` for a Qwen2 directory, or for a first-generation one mapped to Qwen2."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` for a Qwen2 / Qwen3 directory, or ``Qwen2ForCausalLM`` for a
+    first-generation one mapped to Qwen2."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     cfg = from_hf_config(Path(hf_dir) / "config.json")
-    if cfg.generation == hf_qwen2.FORMAT:
-        return Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    if cfg.generation in (hf_qwen2.FORMAT, hf_qwen3.FORMAT):
+        model_class = Qwen3ForCausalLM if cfg.generation == hf_qwen3.FORMAT else Qwen2ForCausalLM
+        return model_class.from_pretrained(hf_dir, dtype=dtype).eval()
     reader = HFCheckpointReader(hf_dir)
     megatron = dict(to_megatron(hf_qwen1.entries(cfg), reader.read))
     state = dict(from_megatron(hf_qwen2.entries(cfg), megatron.__getitem__))

@@ -1,9 +1,11 @@
 """From a ``QwenConfig`` to megatron-core's ``TransformerConfig`` and ``GPTModel``.
 
 Qwen in megatron-core terms: RMSNorm, SwiGLU (``gated_linear_unit`` with SiLU; ``linear_fc1`` holds
-the gate rows first), bias on the QKV projection only, rotary position embedding with the preset's
-base and no learned positions, tied or untied output layer without bias. Parallel sizes come from
-``megatron.core.parallel_state``, so ``platform.distributed.initialize`` runs first.
+the gate rows first), no bias except on the QKV projection of Qwen and Qwen2 (``add_qkv_bias``), per-head
+RMSNorm of queries and keys for Qwen3 (``qk_layernorm``; heads of the preset's ``kv_channels``), rotary
+position embedding with the preset's base and no learned positions, tied or untied output layer without
+bias. Parallel sizes come from ``megatron.core.parallel_state``, so ``platform.distributed.initialize``
+runs first.
 
 Embedding rows: Qwen's published row counts (151936, 152064) are multiples of 128, so every
 power-of-two TP size divides them and they are kept as they are; the softmax then runs over the
@@ -68,13 +70,14 @@ def transformer_config(
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.head_dim,
+        kv_channels=cfg.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=cfg.qkv_bias,
+        qk_layernorm=cfg.qk_norm,
         attention_dropout=attention_dropout,
         hidden_dropout=hidden_dropout,
         tensor_model_parallel_size=tp,

@@ -162,8 +162,9 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
 
 
-class FinalRMSNorm(EmptyExtraState, RMSNorm):
-    """The decoder's last norm, whose Transformer Engine counterpart has an ``_extra_state`` entry.
+class StandaloneRMSNorm(EmptyExtraState, RMSNorm):
+    """A norm that Transformer Engine's spec builds as a module of its own, with an ``_extra_state`` entry:
+    the decoder's last norm and Qwen3's query and key norms.
 
-    The norms inside layers have none: their keys are renamed into the TE linear layers' names.
+    The norms before attention and MLP have none: their keys are renamed into the TE linear layers' names.
     """

@@ -1,9 +1,14 @@
 """Qwen architectures as plain data.
 
 A ``QwenConfig`` names everything that fixes a checkpoint's shapes and numerics; it knows nothing of
-parallelism. ``PRESETS`` holds the published first-generation Qwen and Qwen2.5 shapes plus a tiny model
-for tests and the CPU quickstart; ``from_hf_config`` reads the same fields from a Hugging Face
-``config.json`` (either generation).
+parallelism. ``PRESETS`` holds the published first-generation Qwen, Qwen2.5 and Qwen3 (dense) shapes plus
+a tiny model for tests and the CPU quickstart; ``from_hf_config`` reads the same fields from a Hugging Face
+``config.json`` of any of the three generations.
+
+The generations differ in two switches besides their shapes: Qwen and Qwen2/2.5 have a bias on the QKV
+projection; Qwen3 has none, normalizes each head's query and key (RMSNorm over ``head_dim``, one weight
+shared by all heads) before the rotary embedding, and sets ``head_dim`` on its own (128), which need not be
+``hidden_size / num_attention_heads``.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from pathlib import Path
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
-    """One Qwen architecture. ``generation`` is ``"qwen"`` (first generation) or ``"qwen2"`` (Qwen2/2.5)."""
+    """One Qwen architecture. ``generation`` is ``"qwen"`` (first generation), ``"qwen2"`` (Qwen2/2.5) or
+    ``"qwen3"``; it names the Hugging Face layout, while the fields below fix the model."""
 
     name: str
     generation: str
@@ -28,10 +34,14 @@ class QwenConfig:
     norm_epsilon: float
     tied_embeddings: bool
     max_position_embeddings: int = 32768
+    head_dim: int | None = None  # as Qwen3's config.json states it; None: hidden_size // num_attention_heads
+    qkv_bias: bool = True
+    qk_norm: bool = False
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def kv_channels(self) -> int:
+        """The size of each attention head (megatron's name)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -49,6 +59,11 @@ def _qwen25(name, hidden, layers, heads, groups, ffn, vocab, tied, eps=1e-6):
     return QwenConfig(name, "qwen2", hidden, layers, heads, groups, ffn, vocab, 1e6, eps, tied)
 
 
+def _qwen3(name, hidden, layers, heads, ffn, tied):
+    return QwenConfig(name, "qwen3", hidden, layers, heads, 8, ffn, 151936, 1e6, 1e-6, tied, 40960,
+                      head_dim=128, qkv_bias=False, qk_norm=True)
+
+
 PRESETS: dict[str, QwenConfig] = {
     c.name: c
     for c in [
@@ -64,26 +79,39 @@ PRESETS: dict[str, QwenConfig] = {
         _qwen25("qwen2.5-14b", 5120, 48, 40, 8, 13824, 152064, False, eps=1e-5),
         _qwen25("qwen2.5-32b", 5120, 64, 40, 8, 27648, 152064, False, eps=1e-5),
         _qwen25("qwen2.5-72b", 8192, 80, 64, 8, 29568, 152064, False, eps=1e-5),
+        _qwen3("qwen3-0.6b", 1024, 28, 16, 3072, True),
+        _qwen3("qwen3-1.7b", 2048, 28, 16, 6144, True),
+        _qwen3("qwen3-4b", 2560, 36, 32, 9728, True),
+        _qwen3("qwen3-8b", 4096, 36, 32, 12288, False),
+        _qwen3("qwen3-14b", 5120, 40, 40, 17408, False),
+        _qwen3("qwen3-32b", 5120, 64, 64, 25600, False),
     ]
 }
 
 
-def _qwen2_rope_base(hf: dict) -> float:
+def _rope_base(hf: dict, where: Path) -> float:
+    """The RoPE base of a Qwen2/Qwen3 ``config.json``; scaled variants (YaRN, dynamic NTK) are refused."""
     # transformers 5 writes the base only inside "rope_parameters"; older releases write "rope_theta".
-    if "rope_theta" in hf:
-        return float(hf["rope_theta"])
-    return float(hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or parameters.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"{where}: RoPE scaling {rope_type!r} is not implemented; remove it from config.json "
+                         "to train at the pretraining context length")
+    return float(hf.get("rope_theta", parameters.get("rope_theta", 10000.0)))
 
 
 def from_hf_config(path: str | Path) -> QwenConfig:
-    """Reads a first-generation (``QWenLMHeadModel``) or Qwen2 (``Qwen2ForCausalLM``) ``config.json``."""
+    """Reads a first-generation (``QWenLMHeadModel``), Qwen2 (``Qwen2ForCausalLM``) or Qwen3 (``Qwen3ForCausalLM``)
+    ``config.json``."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     hf = json.loads(path.read_text())
+    name = hf.get("_name_or_path") or path.parent.name
     if hf.get("model_type") == "qwen":
         return QwenConfig(
-            name=hf.get("_name_or_path") or path.parent.name,
+            name=name,
             generation="qwen",
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
@@ -96,19 +124,27 @@ def from_hf_config(path: str | Path) -> QwenConfig:
             tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", hf.get("seq_length", 8192)),
         )
-    if hf.get("model_type") in ("qwen2", None) and "num_key_value_heads" in hf:
-        return QwenConfig(
-            name=hf.get("_name_or_path") or path.parent.name,
-            generation="qwen2",
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_query_groups=hf["num_key_value_heads"],
-            ffn_hidden_size=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"],
-            rope_base=_qwen2_rope_base(hf),
-            norm_epsilon=hf["rms_norm_eps"],
-            tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        )
-    raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is neither 'qwen' nor 'qwen2'")
+    generation = hf.get("model_type") or "qwen2"
+    if generation not in ("qwen2", "qwen3") or "num_key_value_heads" not in hf:
+        raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not 'qwen', 'qwen2' or 'qwen3'")
+    if generation == "qwen3" and hf.get("attention_bias", False):
+        raise ValueError(f"{path}: attention_bias is true; Qwen3 checkpoints have no attention biases")
+    if hf.get("use_sliding_window", False):
+        raise ValueError(f"{path}: sliding-window attention is not implemented (use_sliding_window is true)")
+    return QwenConfig(
+        name=name,
+        generation=generation,
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf["num_key_value_heads"],
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        rope_base=_rope_base(hf, path),
+        norm_epsilon=hf["rms_norm_eps"],
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        head_dim=hf.get("head_dim", 128) if generation == "qwen3" else None,  # transformers' Qwen3 default
+        qkv_bias=generation == "qwen2",
+        qk_norm=generation == "qwen3",
+    )

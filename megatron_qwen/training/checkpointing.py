@@ -212,19 +212,25 @@ def save(
     trainer_state: dict,
     model: QwenConfig,
     tokenizer,
+    system_prompts: list[str] | None,
     keep_last: int,
 ) -> Path:
-    """Writes iteration ``iteration`` (collective), made visible only when complete; keeps the last ``keep_last``."""
+    """Writes iteration ``iteration`` (collective), made visible only when complete; keeps the last ``keep_last``.
+    ``system_prompts`` are the training data's (``chat.json``, which the export's chat template follows; not
+    written when the datasets do not record them)."""
     requested = model_sharded_state_dict(ddp_chunks)
     state = dict(requested)
     state[OPTIMIZER_KEY] = optimizer_state.sharded_state_dict(optimizer, requested)
     state[rng.KEY] = rng.sharded_object(rng.capture())
+    files = {TRAINER_STATE: json.dumps(trainer_state, indent=1) + "\n"}
+    if system_prompts is not None:
+        files[layout.CHAT_SETTINGS] = layout.chat_settings(system_prompts)
     return layout.save_iteration(
         root,
         iteration,
         state,
         model_config=model,
         tokenizer=tokenizer,
-        extra_files={TRAINER_STATE: json.dumps(trainer_state, indent=1) + "\n"},
+        extra_files=files,
         keep_last=keep_last,
     )

@@ -83,6 +83,9 @@ class TrainingSettings:
     micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
     seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
     eval_interval: int = setting(200, "updates between validation losses (0: never)")
+    eval_conversations: Optional[int] = setting(
+        1024, "held-out conversations a validation runs on: the same random sample of this many each time (none: all)"
+    )
     log_interval: int = setting(1, "updates between log lines")
     tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
 
@@ -171,6 +174,9 @@ def _problems(config: RunConfig):
     ), "virtual_pipeline"
     yield config.optimizer.min_lr > config.optimizer.lr and f"above --lr {config.optimizer.lr}", "min_lr"
     yield not 0.0 <= data.valid_fraction < 1.0 and f"must be in [0, 1), got {data.valid_fraction}", "valid_fraction"
+    yield training.eval_conversations is not None and training.eval_conversations < 1 and (
+        f"must be at least 1 (or none for all), got {training.eval_conversations}"
+    ), "eval_conversations"
     yield not data.data_path and "no dataset given", "data_path"
     yield data.data_weights is not None and len(data.data_weights) != len(data.data_path) and (
         f"{len(data.data_weights)} weight(s) for {len(data.data_path)} dataset(s)"

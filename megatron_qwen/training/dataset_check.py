@@ -2,7 +2,9 @@
 
 A dataset tokenized with another tokenizer, holding ids the embedding has no row for, or built for longer
 rows than the run uses would train silently on garbage; each case stops here with a message naming the file
-(a missing, unreadable or incomplete one is named by ``data/dataset_files.read_stats``).
+(a missing, unreadable or incomplete one is named by ``data/dataset_files.read_stats``). Also read from the
+stats: the default system prompt each dataset was rendered with, which the trainer's checkpoints record for the
+exported chat template.
 """
 from __future__ import annotations
 
@@ -81,3 +83,12 @@ def check_datasets(
                 f"{stats_path(dataset.prefix)}: tokenizer sha256 {recorded_sha} differs from "
                 f"{stats_path(first[0].prefix)} ({first[1]}); blended datasets must share one tokenizer"
             )
+
+
+def recorded_system_prompts(datasets: list[ConversationDataset]) -> list[str] | None:
+    """The default system prompt each dataset was rendered with (what an exported chat template must add), or
+    None when a dataset does not record it."""
+    provenances = [read_stats(dataset.prefix).get("provenance", {}) for dataset in datasets]
+    if not all("system_prompt" in provenance for provenance in provenances):
+        return None
+    return [provenance["system_prompt"] for provenance in provenances]

@@ -25,7 +25,7 @@ H100_SXM_BF16_DENSE_PEAK = 989e12
 
 def forward_flops_per_token(model, seq_length: int) -> int:
     """Forward FLOPs for one token of a row of ``seq_length``; ``model`` is a ``QwenConfig``."""
-    h, d = model.hidden_size, model.head_dim
+    h, d = model.hidden_size, model.kv_channels
     n, g = model.num_attention_heads, model.num_query_groups
     qkv = 2 * h * (n + 2 * g) * d
     attention_output = 2 * n * d * h

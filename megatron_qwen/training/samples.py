@@ -13,9 +13,10 @@ restoring it into different settings is refused.
 from __future__ import annotations
 
 from megatron_qwen.training.conversations import ConversationDataset
-from megatron_qwen.training.dataset_check import check_datasets
+from megatron_qwen.training.dataset_check import check_datasets, recorded_system_prompts
 from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
-from megatron_qwen.training.sampling import ConversationSampler, normalized_weights, split_conversations
+from megatron_qwen.training.sampling import (ConversationSampler, normalized_weights, split_conversations,
+                                             validation_sample)
 
 
 class SFTSamples:
@@ -28,6 +29,7 @@ class SFTSamples:
         seq_length: int = 2048,
         seed: int = 1234,
         pad_token_id: int = 151643,
+        eval_conversations: int | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"row mode must be one of {MODES}, got {mode!r}")
@@ -39,9 +41,8 @@ class SFTSamples:
         self.datasets = [ConversationDataset(prefix) for prefix in prefixes]
         splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in self.datasets]
         self.train_ids = [train for train, _ in splits]
-        self.valid_items = [
-            (index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid
-        ]
+        held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
+        self.valid_items = validation_sample(held_out, eval_conversations)
         self.weights = normalized_weights(weights, [len(train) for train in self.train_ids])
         self.sampler = ConversationSampler(self.train_ids, self.weights, seed)
         self.global_batches = 0
@@ -64,6 +65,10 @@ class SFTSamples:
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
 
+    def system_prompts(self) -> list[str] | None:
+        """The default system prompt each dataset was rendered with (None: not recorded by every dataset)."""
+        return recorded_system_prompts(self.datasets)
+
     def next_global_batch(self, global_batch_size: int, row_multiple: int = 1) -> list[Row]:
         """The rows of the next training step (advances the data position). ``global_batch_size`` counts rows
         (``pad``, ``pack``) or conversations (``padfree``, whose row count is a multiple of ``row_multiple``)."""
@@ -83,8 +88,8 @@ class SFTSamples:
         }
 
     def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> list[list[Row]]:
-        """Every validation conversation once, in fixed order, filled like training batches; all-padding rows
-        (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so leave the
+        """Every validation conversation (of the sample) once, in fixed order, filled like training batches;
+        all-padding rows (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so leave the
         token-weighted loss unchanged."""
         return batches_from_list(
             self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length, row_multiple

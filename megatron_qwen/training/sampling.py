@@ -2,7 +2,9 @@
 
 - Split: per dataset, a fixed permutation (seeded by ``SPLIT_SEED`` and the dataset's size only, so the
   validation set does not move when the run's seed changes) puts ``round(valid_fraction * n)`` conversations
-  (at least one when the fraction is positive) in validation and the rest in training.
+  (at least one when the fraction is positive) in validation and the rest in training. A validation pass
+  may use a fixed sample of them (``validation_sample``: the same one at every evaluation, and a uniform
+  one, so blended datasets keep their shares).
 - Shuffling: the training conversations of dataset ``d`` are visited in epoch ``e`` in the order of
   ``numpy.random.default_rng([seed, d, e]).permutation``: deterministic per seed, different per epoch, and
   an epoch ends only when every training conversation of that dataset was drawn once.
@@ -34,6 +36,15 @@ def split_conversations(num_conversations: int, valid_fraction: float, where: st
         )
     order = np.random.default_rng([SPLIT_SEED, num_conversations]).permutation(num_conversations)
     return np.sort(order[num_valid:]), np.sort(order[:num_valid])
+
+
+def validation_sample(items: list, limit: int | None) -> list:
+    """At most ``limit`` of ``items`` (all when ``limit`` is None), a uniform sample fixed by ``SPLIT_SEED`` and
+    the number of items, in their original order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    chosen = np.sort(np.random.default_rng([SPLIT_SEED, len(items)]).permutation(len(items))[:limit])
+    return [items[index] for index in chosen]
 
 
 def normalized_weights(weights: list[float] | None, sizes: list[int]) -> np.ndarray:

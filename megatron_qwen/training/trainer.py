@@ -130,9 +130,10 @@ class Trainer:
         data = config.data
         self.samples = SFTSamples(
             data.data_path, data.data_weights, data.valid_fraction, data.rows, data.seq_length, training.seed,
-            data.pad_token_id,
+            data.pad_token_id, training.eval_conversations,
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
+        self.system_prompts = self.samples.system_prompts()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
         self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
@@ -161,8 +162,14 @@ class Trainer:
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
-            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}"
+            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.validation_plan()}"
         )
+
+    def validation_plan(self) -> str:
+        interval, conversations = self.config.training.eval_interval, len(self.samples.valid_items)
+        if not interval or not conversations:
+            return "no validation"
+        return f"validation on {conversations} held-out conversations every {interval} updates"
 
     def fusions_in_use(self) -> list[str]:
         """The ``gpu_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
@@ -197,7 +204,7 @@ class Trainer:
         }
         path = checkpointing.save(
             checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
-            self.tokenizer, checkpoint.keep_last,
+            self.tokenizer, self.system_prompts, checkpoint.keep_last,
         )
         self.reporter.print(f"iteration {self.iteration} | saved {path}")
 

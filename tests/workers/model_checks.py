@@ -18,7 +18,9 @@ def parameter_counts():
     for name, cfg in PRESETS.items():
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = build_model(cfg, perform_initialization=False)
-        counts[name] = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        embedding = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("embedding.", "output_layer.")))
+        counts[name] = {"total": total, "non_embedding": total - embedding}
     return counts
 
 
@@ -227,6 +229,8 @@ def main(out_path):
         results = {
             "parameter_counts": parameter_counts(),
             "checkpoint_keys": checkpoint_keys(tiny),
+            "qwen3_checkpoint_keys": checkpoint_keys(
+                dataclasses.replace(tiny, generation="qwen3", head_dim=32, qkv_bias=False, qk_norm=True)),
             "sdpa_vs_megatron": sdpa_vs_megatron(config),
             "packed_attention": packed_attention(config),
             "packed_model": packed_model(model),
