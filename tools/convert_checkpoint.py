@@ -2,8 +2,9 @@
 
   hf-to-mcore --hf-dir DIR --mcore-dir OUT [--tokenizer-dir DIR]
       Reads a first-generation Qwen (QWenLMHeadModel), Qwen2/2.5 (Qwen2ForCausalLM) or Qwen3
-      (Qwen3ForCausalLM) checkpoint (safetensors or .bin, single file or indexed shards) and writes iteration 0 of the checkpoint
-      layout in OUT. The tokenizer files come from --hf-dir unless --tokenizer-dir names another folder.
+      (Qwen3ForCausalLM) checkpoint (safetensors or .bin, single file or indexed shards) and writes
+      iteration 0 of the checkpoint layout in OUT. The tokenizer files come from --hf-dir unless
+      --tokenizer-dir names another folder.
   mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
       Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
       index, config.json, the tokenizer files, the ChatML chat template (adding the training data's

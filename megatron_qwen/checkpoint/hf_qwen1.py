@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import fused
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename, require_attention
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen"
@@ -22,9 +22,7 @@ FORMAT = "qwen"
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
-    if cfg.qk_norm or not cfg.qkv_bias:
-        raise ValueError(f"{cfg.name} has query/key norms and no QKV bias, which the first-generation layout "
-                         "cannot hold; use --format qwen3")
+    require_attention(cfg, qk_norm=False, layout="the first-generation layout", use_instead="qwen3")
     if cfg.num_query_groups != cfg.num_attention_heads:
         raise ValueError(
             f"the first-generation layout has one key/value head per query head; {cfg.name} has "

@@ -15,7 +15,7 @@ import torch
 
 from megatron_qwen.checkpoint import fused
 from megatron_qwen.checkpoint.hf_chat import ENDOFTEXT_ID, IM_END_ID
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename, require_attention
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen2"
@@ -23,9 +23,7 @@ FORMAT = "qwen2"
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
-    if cfg.qk_norm or not cfg.qkv_bias:
-        raise ValueError(f"{cfg.name} has query/key norms and no QKV bias, which Qwen2ForCausalLM cannot hold; "
-                         "use --format qwen3")
+    require_attention(cfg, qk_norm=False, layout="Qwen2ForCausalLM", use_instead="qwen3")
     yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", layer_entries)
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import hf_qwen2
-from megatron_qwen.checkpoint.mapping import Entry, model_entries
+from megatron_qwen.checkpoint.mapping import Entry, model_entries, require_attention
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen3"
@@ -20,9 +20,7 @@ FORMAT = "qwen3"
 
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
-    if not cfg.qk_norm or cfg.qkv_bias:
-        raise ValueError(f"{cfg.name} has a QKV bias and no query/key norms, which Qwen3ForCausalLM cannot hold; "
-                         f"use --format {hf_qwen2.FORMAT}")
+    require_attention(cfg, qk_norm=True, layout="Qwen3ForCausalLM", use_instead=hf_qwen2.FORMAT)
     yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", hf_qwen2.layer_entries)
 
 

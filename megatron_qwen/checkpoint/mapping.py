@@ -107,6 +107,15 @@ def model_entries(
         yield rename(OUTPUT_LAYER, HF_OUTPUT_LAYER)
 
 
+def require_attention(cfg: QwenConfig, qk_norm: bool, layout: str, use_instead: str) -> None:
+    """Refuses a model whose attention ``layout`` cannot hold: Qwen3's (query/key norms, no QKV bias) when
+    ``qk_norm``, the earlier generations' (a QKV bias, no norms) otherwise."""
+    if cfg.qk_norm == qk_norm and cfg.qkv_bias != qk_norm:
+        return
+    has = "query/key norms and no QKV bias" if cfg.qk_norm else "a QKV bias and no query/key norms"
+    raise ValueError(f"{cfg.name} has {has}, which {layout} cannot hold; use --format {use_instead}")
+
+
 def to_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) for each entry, reading its Hugging Face tensors only when reached."""
     for entry in entries:

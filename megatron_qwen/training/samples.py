@@ -89,8 +89,8 @@ class SFTSamples:
 
     def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> list[list[Row]]:
         """Every validation conversation (of the sample) once, in fixed order, filled like training batches;
-        all-padding rows (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so leave the
-        token-weighted loss unchanged."""
+        all-padding rows (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so
+        leave the token-weighted loss unchanged."""
         return batches_from_list(
             self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length, row_multiple
         )
