@@ -3,7 +3,8 @@
 The chat template renders exactly the training data's ChatML (``megatron_qwen.data.chatml``): a
 system turn with the training data's default system prompt first when the conversation has none (none
 when that prompt was empty), then ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, and
-``<|im_start|>assistant\\n`` when a generation prompt is asked for. ``generation_config.json`` ends
+``<|im_start|>assistant\\n`` when a generation prompt is asked for; ``tools``, tool calls and tool results
+as ``data.tool_calls`` writes them into the training data. ``generation_config.json`` ends
 generation at ``<|im_end|>`` (the end of a reply) or ``<|endoftext|>``, so a served model stops after
 its answer.
 """
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 
 from megatron_qwen.data.tokenizer import ENDOFTEXT, IM_END
+from megatron_qwen.data.tool_calls import TOOLS_FOOTER, TOOLS_HEADER
 
 ENDOFTEXT_ID = 151643
 IM_END_ID = 151645
@@ -26,18 +28,43 @@ def _jinja_string(text: str) -> str:
 
 
 def chat_template(system_prompt: str) -> str:
-    """The template of ``with_system_prompt(messages, system_prompt)`` rendered as ChatML."""
-    default_system_turn = (
-        "{%- if not messages or messages[0]['role'] != 'system' %}"
-        "{{- " + _jinja_string(f"<|im_start|>system\n{system_prompt}<|im_end|>\n") + " }}"
-        "{%- endif %}"
-    ) if system_prompt else ""
+    """The template of ``with_system_prompt(messages, system_prompt, tools)`` rendered as ChatML, with tool
+    calls and results written as ``data.tool_calls`` writes them."""
     return (
-        default_system_turn
-        + "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- set given = messages and messages[0]['role'] == 'system' %}"
+        "{%- set system = messages[0]['content'] if given else " + _jinja_string(system_prompt) + " %}"
+        "{%- set messages = messages[1:] if given else messages %}"
+        "{%- if tools %}"
+        "{%- set ns = namespace(block=" + _jinja_string(TOOLS_HEADER) + ") %}"
+        "{%- for tool in tools %}"
+        "{%- if 'function' not in tool %}{%- set tool = {'type': 'function', 'function': tool} %}{%- endif %}"
+        "{%- set ns.block = ns.block + '\n' + (tool | tojson) %}"
         "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+        "{%- set system = (system + '\n\n' if system else '') + ns.block + " + _jinja_string(TOOLS_FOOTER) + " %}"
+        "{%- endif %}"
+        "{%- if system or given %}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'tool' %}"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user\n' }}"
+        "{%- else %}{{- '\n' }}{%- endif %}"
+        "{{- '<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+        "{%- else %}"
+        "{{- '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+        "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
+        "{%- for call in message['tool_calls'] %}"
+        "{%- if 'function' in call %}{%- set call = call['function'] %}{%- endif %}"
+        "{%- if not loop.first or message['content'] %}{{- '\n' }}{%- endif %}"
+        "{{- '<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+        "{%- if call['arguments'] is string %}{{- call['arguments'] }}{%- else %}{{- call['arguments'] | tojson }}"
+        "{%- endif %}"
+        "{{- '}\n</tool_call>' }}"
+        "{%- endfor %}"
+        "{%- endif %}"
+        "{{- '<|im_end|>\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
     )
 
 

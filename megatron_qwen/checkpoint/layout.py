@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -118,6 +119,26 @@ def tokenizer_manifest(iteration_dir: str | Path) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class StoredTokenizer:
+    """An iteration's tokenizer as its manifest records it: what a run that only checks and copies the
+    tokenizer needs (a trainer), without the encoder that ``load_tokenizer`` builds (~1 s per process)."""
+    files: list[Path]
+    manifest: dict
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["sha256"]
+
+    def provenance(self) -> dict:
+        return {key: value for key, value in self.manifest.items() if key != "files"}
+
+
+def stored_tokenizer(iteration_dir: str | Path) -> StoredTokenizer:
+    manifest = tokenizer_manifest(iteration_dir)
+    return StoredTokenizer([tokenizer_dir(iteration_dir) / name for name in manifest["files"]], manifest)
+
+
 def chat_settings(system_prompts: list[str]) -> str:
     """The ``chat.json`` content for a model trained on datasets rendered with ``system_prompts``."""
     return json.dumps({"system_prompts": sorted(set(system_prompts))}, indent=1, ensure_ascii=False) + "\n"
@@ -156,8 +177,8 @@ def save_iteration(
     """Writes iteration ``iteration`` (collective: every rank calls it) and makes it the latest.
 
     ``sharded_state_dict`` is what ``dist_checkpointing.save`` takes (the model's, and the
-    optimizer's if any); ``tokenizer`` is a loaded ``megatron_qwen.data.tokenizer.ChatTokenizer``
-    whose files are copied; ``extra_files`` maps names inside the iteration directory to contents.
+    optimizer's if any); ``tokenizer`` is a loaded ``megatron_qwen.data.tokenizer.ChatTokenizer`` or a
+    ``StoredTokenizer``, whose files are copied; ``extra_files`` maps names inside the iteration directory to contents.
     With ``keep_last`` only that many newest iterations are kept afterwards.
     """
     root = Path(root)

@@ -21,6 +21,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 
 from megatron_qwen.data.tokenizer import ID_BYTES, Buffer
+from megatron_qwen.data.tool_calls import with_tools
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
@@ -42,12 +43,16 @@ class Message(NamedTuple):
     content: str
 
 
-def with_system_prompt(messages: Sequence[Message], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[Message]:
+def with_system_prompt(messages: Sequence[Message], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                       tools: str = "") -> list[Message]:
     """The conversation as rendered: a system turn with ``system_prompt`` is put first when the
-    conversation has none (an empty prompt adds nothing)."""
-    if (messages and messages[0][0] == "system") or not system_prompt:
+    conversation has none (an empty prompt adds nothing), and the tools block offered to the model
+    (``tool_calls.tools_block``) is appended to the system turn."""
+    has_system = bool(messages) and messages[0][0] == "system"
+    if not tools and (has_system or not system_prompt):
         return list(messages)
-    return [Message("system", system_prompt), *messages]
+    system = with_tools(messages[0][1] if has_system else system_prompt, tools)
+    return [Message("system", system), *messages[has_system:]]
 
 
 def render_text(messages: Iterable[Message]) -> str:

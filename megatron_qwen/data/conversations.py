@@ -1,25 +1,32 @@
 """Parses one JSON Lines row into a conversation, in either format people have, or says what is wrong.
 
-* OpenAI style: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}``
+* OpenAI style: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}]}``, where an
+  assistant message may carry ``"tool_calls"`` (its ``content`` may then be null) and the row ``"tools"``.
 * ShareGPT / Qwen-finetune style: ``{"conversations": [{"from": "system"|"user"|"human"|"assistant"|"gpt",
-  "value": "..."}]}``
+  "value": "..."}]}``; for function calling (as LLaMA-Factory writes it) also ``"function_call"`` turns whose
+  value is the call (or a list of calls) as JSON, ``"observation"`` turns holding a result, and the row's
+  ``"tools"``, often a JSON string.
 
-Other keys are ignored. A row is rejected (``ConversationError`` with the reason) when it is not valid
-UTF-8 or JSON, has neither list, names an unknown role, has non-string content, is empty, or has no
-assistant turn.
+Function calling becomes plain turns as ``tool_calls`` describes; other keys are ignored. A row is rejected
+(``ConversationError`` with the reason) when it is not valid UTF-8 or JSON, has neither list, names an
+unknown role, has non-string content, malformed tools or calls, is empty, or has no assistant turn.
 """
 from __future__ import annotations
 
 import json
 import re
+from itertools import groupby
+from typing import NamedTuple
 
 from megatron_qwen.data.chatml import Message
+from megatron_qwen.data.tool_calls import ToolCallError, calls_text, decode_json, responses_text, tools_block
 
 _FORMATS = {  # list key -> (role key, content key)
     "messages": ("role", "content"),
     "conversations": ("from", "value"),
 }
-_ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+_PLAIN_ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+_ROLE_NAMES = {**_PLAIN_ROLE_NAMES, "tool": "tool", "observation": "tool", "function_call": "function_call"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -27,9 +34,14 @@ class ConversationError(ValueError):
     """A row that is not a usable conversation; the message says why."""
 
 
-def parse_conversation(row: bytes) -> list[Message]:
-    """The messages of one JSON Lines row (raw bytes, without the line ending), as (role, content)
-    pairs (plain tuples, which are cheaper to make than ``Message``s and unpack the same way)."""
+class Conversation(NamedTuple):
+    messages: list[Message]  # roles system, user, assistant; function calling already written out
+    tools: str  # the system turn's tools block (``tool_calls.tools_block``), "" when the row offers none
+
+
+def parse_conversation(row: bytes) -> Conversation:
+    """The conversation of one JSON Lines row (raw bytes, without the line ending); its messages are
+    (role, content) pairs (plain tuples, which are cheaper to make than ``Message``s and unpack the same way)."""
     try:
         text = row.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -51,43 +63,75 @@ def parse_conversation(row: bytes) -> list[Message]:
         raise ConversationError(f'"{list_key}" is {type(items).__name__}, not a list')
     if not items:
         raise ConversationError(f'empty conversation ("{list_key}" is [])')
-    messages = _messages(items, list_key)
+    try:
+        messages = _messages(items, list_key, row)
+        tools = tools_block(record["tools"]) if "tools" in record else ""
+    except ToolCallError as error:
+        raise ConversationError(str(error)) from None
     # Lone surrogates can only come from \u escapes; only then is the (slower) scan needed.
     if b"\\u" in row:
-        _check_surrogates(messages, list_key)
+        _check_surrogates(messages, tools, list_key)
     if not any(role == "assistant" for role, _ in messages):
         raise ConversationError("no assistant turn")
-    return messages
+    return Conversation(messages, tools)
 
 
-def _messages(items: list, list_key: str) -> list[Message]:
+def _messages(items: list, list_key: str, row: bytes) -> list[Message]:
     role_key, content_key = _FORMATS[list_key]
-    try:  # the common case in one tight loop; any problem is diagnosed below
-        messages = [(_ROLE_NAMES[item[role_key]], item[content_key]) for item in items]
-        if all(type(content) is str for _, content in messages):
-            return messages
-    except (KeyError, TypeError):
-        pass
-    for number, item in enumerate(items):
-        _diagnose(item, f'"{list_key}"[{number}]', role_key, content_key)
-    raise AssertionError("unreachable: a message failed the fast path but passed the diagnosis")
+    if b'"tool' not in row:  # the common case in one tight loop; anything else takes the full path below
+        try:
+            messages = [(_PLAIN_ROLE_NAMES[item[role_key]], item[content_key]) for item in items]
+            if all(type(content) is str for _, content in messages):
+                return messages
+        except (KeyError, TypeError):
+            pass
+    messages = [_message(item, f'"{list_key}"[{number}]', role_key, content_key)
+                for number, item in enumerate(items)]
+    return _join_tool_results(messages)
 
 
-def _diagnose(item, where: str, role_key: str, content_key: str) -> None:
-    """Raise the ConversationError that says what is wrong with one message, if anything is."""
+def _message(item, where: str, role_key: str, content_key: str) -> Message:
+    """One message, with any tool calls written into its content; raises the ConversationError that says
+    what is wrong with it."""
     if not isinstance(item, dict):
         raise ConversationError(f"{where} is {type(item).__name__}, not an object")
-    for key in (role_key, content_key):
-        if key not in item:
-            raise ConversationError(f'{where} has no "{key}" key')
+    if role_key not in item:
+        raise ConversationError(f'{where} has no "{role_key}" key')
     role = item[role_key]
     if not isinstance(role, str) or role not in _ROLE_NAMES:
         raise ConversationError(f'{where} has unknown role {role!r} (expected one of {", ".join(_ROLE_NAMES)})')
-    if not isinstance(item[content_key], str):
-        raise ConversationError(f'{where} "{content_key}" is {type(item[content_key]).__name__}, not a string')
+    role, content, calls = _ROLE_NAMES[role], item.get(content_key), item.get("tool_calls")
+    calls_where = f'{where} "tool_calls"'
+    if role == "function_call":  # ShareGPT: the turn's value is the call itself
+        calls_where = f'{where} "{content_key}"'
+        role, calls, content = "assistant", decode_json(item.get(content_key), calls_where), ""
+    if calls is not None and role != "assistant":
+        raise ConversationError(f'{where} has "tool_calls" but is a {role} turn')
+    if calls is not None and content is None:  # OpenAI writes a reply that only calls tools so
+        content = ""
+    elif content_key not in item:
+        raise ConversationError(f'{where} has no "{content_key}" key')
+    elif not isinstance(content, str):
+        raise ConversationError(f'{where} "{content_key}" is {type(content).__name__}, not a string')
+    if calls is not None:
+        content = calls_text(content, calls, calls_where)
+    return Message(role, content)
 
 
-def _check_surrogates(messages: list[Message], list_key: str) -> None:
+def _join_tool_results(messages: list[Message]) -> list[Message]:
+    """Consecutive tool results become one user turn, as Qwen's templates render them."""
+    joined = []
+    for role, group in groupby(messages, key=lambda message: message[0]):
+        if role == "tool":
+            joined.append(Message("user", responses_text([content for _, content in group])))
+        else:
+            joined += group
+    return joined
+
+
+def _check_surrogates(messages: list[Message], tools: str, list_key: str) -> None:
+    if _SURROGATE.search(tools):
+        raise ConversationError('"tools" contains an unpaired surrogate (invalid Unicode)')
     for number, (_, content) in enumerate(messages):
         if _SURROGATE.search(content):
             raise ConversationError(f'"{list_key}"[{number}] content contains an unpaired surrogate '

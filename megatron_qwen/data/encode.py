@@ -82,10 +82,11 @@ class ConversationEncoder:
         rejects: list[Reject] = []
         for row in rows:
             try:
-                messages = with_system_prompt(parse_conversation(row.data), self.settings.system_prompt)
+                conversation = parse_conversation(row.data)
             except ConversationError as error:
                 rejects.append(Reject(row.source, row.line, str(error), row.data))
                 continue
+            messages = with_system_prompt(conversation.messages, self.settings.system_prompt, conversation.tools)
             turn_counts.append(self.renderer.tokenize(messages, roles, contents))
         content_lengths = self.renderer.content_lengths(contents)
         role_indices = np.array(roles, dtype=np.int64)

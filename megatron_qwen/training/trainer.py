@@ -101,12 +101,13 @@ def build_chunks(model, config: RunConfig) -> list:
 
 
 def _tokenizer(config: RunConfig, start: checkpointing.StartPoint):
-    """The run's tokenizer: ``--tokenizer``, else the one recorded in the checkpoint the run starts from."""
+    """The run's tokenizer (its files and provenance are what a run needs): ``--tokenizer``, else the one
+    recorded in the checkpoint the run starts from."""
     if config.data.tokenizer is not None:
         return load_tokenizer(config.data.tokenizer)
     if start.iteration_dir is None:
         raise ValueError("--tokenizer: needed when starting from random weights (checkpoints carry their own)")
-    return load_tokenizer(str(layout.tokenizer_dir(start.iteration_dir)))
+    return layout.stored_tokenizer(start.iteration_dir)
 
 
 class Trainer:

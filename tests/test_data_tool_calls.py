@@ -1,0 +1,143 @@
+"""Function-calling conversations (examples/data/chat_tools.jsonl): rendered as Qwen3's own chat template
+renders them (the template shipped in the Qwen3 tokenizer folder, run by transformers), supervised on the
+replies and calls only, served by the exported template exactly as trained, and bad rows named."""
+import json
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from transformers import AutoTokenizer
+
+from data_fixtures import REPO, hf_tokenizer_dir
+from megatron_qwen.checkpoint.hf_chat import chat_template
+from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, render_text, with_system_prompt
+from megatron_qwen.data.conversations import ConversationError, parse_conversation
+from megatron_qwen.data.encode import EncodeSettings
+from megatron_qwen.data.preprocess import PreprocessJob, run
+from megatron_qwen.data.tokenizer import load_tokenizer
+
+TOOL_ROWS = [json.loads(line) for line in (REPO / "examples" / "data" / "chat_tools.jsonl").read_text().splitlines()]
+OPENAI_ROWS = [row for row in TOOL_ROWS if "messages" in row]
+SHAREGPT_ROWS = [row for row in TOOL_ROWS if "conversations" in row]
+
+
+def openai_form(row: dict) -> tuple[list, list]:
+    """(messages, tools) of a row as an OpenAI-compatible server hands them to a chat template. ShareGPT rows
+    are mapped by hand here: function_call -> an assistant message with tool_calls, observation -> tool."""
+    if "messages" in row:
+        return [{**m, "content": m["content"] or ""} for m in row["messages"]], row.get("tools") or []
+    roles = {"human": "user", "gpt": "assistant", "system": "system", "observation": "tool"}
+    messages = []
+    for turn in row["conversations"]:
+        if turn["from"] == "function_call":
+            calls = json.loads(turn["value"])
+            calls = calls if isinstance(calls, list) else [calls]
+            messages.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": call} for call in calls]})
+        else:
+            messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+    tools = [{"type": "function", "function": tool} for tool in json.loads(row["tools"])]
+    return messages, tools
+
+
+def ours(row: dict, system_prompt: str) -> list:
+    conversation = parse_conversation(json.dumps(row, ensure_ascii=False).encode())
+    return with_system_prompt(conversation.messages, system_prompt, conversation.tools)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return AutoTokenizer.from_pretrained(hf_tokenizer_dir())  # holds Qwen3's own chat template
+
+
+@pytest.mark.parametrize("row", TOOL_ROWS, ids=range(len(TOOL_ROWS)))
+def test_rows_render_as_qwen3s_own_chat_template(hf_tokenizer, row):
+    # A user turn is appended so that Qwen3's template, like ours, writes no <think> block into any reply
+    # (it adds one only to the replies after the last user message). Qwen3's template adds no default
+    # system prompt, so ours renders with an empty one.
+    messages, tools = openai_form(row)
+    asked_again = {**row, "messages" if "messages" in row else "conversations":
+                   [*row.get("messages", row.get("conversations")),
+                    {"role": "user", "content": "Thanks."} if "messages" in row else {"from": "human", "value": "Thanks."}]}
+    reference = hf_tokenizer.apply_chat_template([*messages, {"role": "user", "content": "Thanks."}], tools=tools,
+                                                 tokenize=False)
+    assert render_text(ours(asked_again, "")) == reference
+
+
+def test_sharegpt_function_calls_equal_their_openai_form():
+    for row in SHAREGPT_ROWS:
+        messages, tools = openai_form(row)
+        openai_row = {"messages": messages, "tools": tools}
+        assert ours(row, DEFAULT_SYSTEM_PROMPT) == ours(openai_row, DEFAULT_SYSTEM_PROMPT)
+
+
+@pytest.mark.parametrize("system_prompt", ["", DEFAULT_SYSTEM_PROMPT])
+def test_exported_template_serves_the_trained_ids(hf_tokenizer, system_prompt):
+    template = chat_template(system_prompt)
+    renderer = ChatMLRenderer(load_tokenizer(str(hf_tokenizer_dir())))
+    for row in TOOL_ROWS:
+        messages, tools = openai_form(row)
+        trained = ours(row, system_prompt)
+        served = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+        assert served == render_text(trained) + "<|im_start|>assistant\n"
+        served_ids = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
+                                                      tokenize=True, return_dict=False)
+        assert list(served_ids) == renderer.render(trained)[0]
+
+
+def test_only_replies_and_calls_are_supervised(tmp_path):
+    prefix = tmp_path / "tools"
+    run(PreprocessJob(inputs=[REPO / "examples" / "data" / "chat_tools.jsonl"], tokenizer=str(hf_tokenizer_dir()),
+                      output_prefix=prefix, progress=False, settings=EncodeSettings(system_prompt="")))
+    tokenizer = load_tokenizer(str(hf_tokenizer_dir()))
+    tokens, masks = IndexedDataset(f"{prefix}_text_document"), IndexedDataset(f"{prefix}_loss_mask_document")
+    assert len(tokens) == len(TOOL_ROWS)
+
+    def supervised(index):
+        return tokenizer.decode(tokens[index][masks[index].astype(bool)])
+
+    assert supervised(1) == (  # two calls after the reply's text, arguments kept as written
+        "I'll check both cities.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "東京"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+        "東京: 12 °C and clear. Paris: 7 °C with rain.<|im_end|>")
+    assert supervised(5) == (  # ShareGPT: a function_call turn holding a list of calls
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call><|im_end|>'
+        "In Berlin sind es 9 °C.<|im_end|>")
+    for index in range(len(TOOL_ROWS)):
+        text = tokenizer.decode(tokens[index])
+        assert "<tool_response>" in text or index == 3  # row 3 offers tools but calls none
+        assert "<tool_response>" not in supervised(index) and "# Tools" not in supervised(index)
+        assert np.array_equal(tokens[index], ChatMLRenderer(tokenizer).render(ours(TOOL_ROWS[index], ""))[0])
+
+
+CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}, {"role": "assistant", "content": "b"}]},
+     '"messages"[0] has "tool_calls" but is a user turn'),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": "{x: 1}"}}]}]},
+     '"messages"[0] "tool_calls"[0]["function"] "arguments" is not JSON'),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}]},
+     '"messages"[0] "tool_calls"[0] has no "name" string'),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": 3}]}]},
+     '"messages"[0] "tool_calls"[0] "arguments" is int, not an object or a JSON string'),
+    ({"messages": [{"role": "assistant", "content": None}]}, '"messages"[0] "content" is NoneType, not a string'),
+    ({"messages": [{"role": "tool", "content": ["a"]}, {"role": "assistant", "content": "b"}]},
+     '"messages"[0] "content" is list, not a string'),
+    ({"messages": [{"role": "assistant", "content": "b"}], "tools": {"name": "f"}}, '"tools" is dict, not a list'),
+    ({"messages": [{"role": "assistant", "content": "b"}], "tools": "[{"}, '"tools" is not JSON'),
+    ({"messages": [{"role": "assistant", "content": "b"}], "tools": [{"description": "no name"}]},
+     '"tools"[0] has neither "function" nor "name"'),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "get(1)"}]},
+     '"conversations"[1] "value" is not JSON'),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": '{"arguments": {}}'}]},
+     '"conversations"[1] "value"[0] has no "name" string'),
+])
+def test_bad_function_calling_rows_are_named(row, reason):
+    with pytest.raises(ConversationError) as error:
+        parse_conversation(json.dumps(row).encode())
+    assert reason in str(error.value)
