@@ -51,23 +51,31 @@ def ratios(stdout: str) -> list[float]:
     return [float(line.split(":")[1]) for line in stdout.splitlines() if line.startswith("ours/peer tokens/s:")]
 
 
+REGIMES = ("pad", "pack", "padfree")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    work = tmp_path_factory.mktemp("benchmark")
-    results = {}
-    for rows, presets in (("pad", ["tiny", "tiny"]), ("pack", ["tiny"]), ("padfree", ["tiny"])):
-        report = work / f"{rows}.json"
-        done = run_python(SCRIPT, "--rows", rows, "--preset", *presets, *COMMON, "--json", report, timeout=240)
-        results[rows] = (done.stdout, json.loads(report.read_text()))
-    return results
+def benchmark(tmp_path_factory):
+    """One run of the script over all three regimes: (its output, its JSON report)."""
+    report = tmp_path_factory.mktemp("benchmark") / "report.json"
+    done = run_python(SCRIPT, "--rows", *REGIMES, "--preset", "tiny", *COMMON, "--json", report, timeout=400)
+    return done.stdout, json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("rows", ["pad", "pack", "padfree"])
-def test_both_rows_train_to_a_well_formed_table_of_positive_finite_figures(runs, rows):
-    stdout, report = runs[rows]
+@pytest.fixture(scope="module")
+def runs(benchmark):
+    """Per regime: (its results tables, its runs in the report), in the order the script ran them."""
+    stdout, report = benchmark
     found = tables(stdout)
-    assert len(found) == len(report["runs"]) == (2 if rows == "pad" else 1)  # one table per preset
-    for table, run in zip(found, report["runs"]):
+    assert len(found) == len(report["runs"]) == len(REGIMES)  # one table per regime and preset
+    assert [run["regime"] for run in report["runs"]] == list(REGIMES)
+    return {rows: ([table for table, run in zip(found, report["runs"]) if run["regime"] == rows],
+                   [run for run in report["runs"] if run["regime"] == rows]) for rows in REGIMES}
+
+
+@pytest.mark.parametrize("rows", REGIMES)
+def test_both_rows_train_to_a_well_formed_table_of_positive_finite_figures(runs, rows):
+    for table, run in zip(*runs[rows]):
         assert [row["row"] for row in table] == ["ours", "peer"]
         for row in table:
             for column in NUMERIC:
@@ -78,16 +86,19 @@ def test_both_rows_train_to_a_well_formed_table_of_positive_finite_figures(runs,
         assert table[0]["optimizer"] == table[1]["optimizer"] == "torch.optim.adamw.AdamW (for-loop)"
         ours, peer = (float(row["tokens/s/GPU"]) for row in table)
         assert run["ours_over_peer_tokens_per_s"] == pytest.approx(ours / peer, rel=1e-3)
+
+
+def test_the_report_names_what_ran(benchmark):
+    stdout, report = benchmark
     assert ratios(stdout) == pytest.approx([run["ours_over_peer_tokens_per_s"] for run in report["runs"]], rel=1e-3)
     assert report["versions"]["megatron-core"] == "0.16.1" and report["versions"]["transformers"] != "not installed"
     assert report["matmul_bf16_tflops"] > 0
-    assert f"--rows {rows}" in report["command"] and report["device"].startswith("CPU")
+    assert "--rows pad pack padfree" in report["command"] and report["device"].startswith("CPU")
 
 
-@pytest.mark.parametrize("rows", ["pad", "pack", "padfree"])
+@pytest.mark.parametrize("rows", REGIMES)
 def test_both_rows_process_the_same_non_padding_and_supervised_tokens(runs, rows):
-    for table in tables(runs[rows][0]):
-        ours, peer = table
+    for ours, peer in runs[rows][0]:
         assert int(ours["tokens"]) == int(peer["tokens"])
         assert int(ours["supervised tokens"]) == int(peer["supervised tokens"])
         assert 0 < int(ours["supervised tokens"]) < int(ours["tokens"])
@@ -95,7 +106,7 @@ def test_both_rows_process_the_same_non_padding_and_supervised_tokens(runs, rows
 
 def test_packed_rows_hold_more_tokens_than_padded_rows_in_both_rows(runs):
     # same number of rows per update: packing puts several conversations into a row, padding one
-    padded, packed = (tables(runs[rows][0])[0] for rows in ("pad", "pack"))
+    padded, packed = (runs[rows][0][0] for rows in ("pad", "pack"))
     for pad_row, pack_row in zip(padded, packed):
         assert int(pack_row["tokens"]) > 1.5 * int(pad_row["tokens"])
 
@@ -103,11 +114,11 @@ def test_packed_rows_hold_more_tokens_than_padded_rows_in_both_rows(runs):
 def test_padfree_trains_the_padded_conversations_from_fuller_rows(runs):
     # the same conversations as padded rows (same seed, same count per update), packed: equal token counts in
     # both rows, a higher share of non-padding positions
-    padded, padfree = (tables(runs[rows][0])[0] for rows in ("pad", "padfree"))
+    padded, padfree = (runs[rows][0][0] for rows in ("pad", "padfree"))
     for pad_row, padfree_row in zip(padded, padfree):
         assert (pad_row["tokens"], pad_row["supervised tokens"]) == (padfree_row["tokens"], padfree_row["supervised tokens"])
     for regime in ("pad", "padfree"):  # and both rows trained on the same number of rows
-        ours, peer = runs[regime][1]["runs"][0]["rows"]
+        ours, peer = runs[regime][1][0]["rows"]
         assert ours["rows"] == peer["rows"] > 0
-    fill = {rows: runs[rows][1]["runs"][0]["row_fill"] for rows in ("pad", "padfree")}
+    fill = {rows: runs[rows][1][0]["row_fill"] for rows in ("pad", "padfree")}
     assert 0 < fill["pad"] < fill["padfree"] <= 1

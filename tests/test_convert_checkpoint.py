@@ -87,8 +87,8 @@ def converted(tmp_path_factory):
          "--iteration", "0"],
         ["mcore-to-hf", "--mcore-dir", tmp / "d_mc", "--hf-dir", tmp / "d_out"],
     ]
-    (tmp / "commands.json").write_text(json.dumps([[str(arg) for arg in command] for command in commands]))
-    run_python("convert_cli_runs.py", tmp / "commands.json")
+    (tmp / "commands.json").write_text(json.dumps([["convert_checkpoint", *map(str, command)] for command in commands]))
+    run_python("tool_runs.py", tmp / "commands.json")
     return SimpleNamespace(dir=tmp, models=models)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, run_python, run_torchrun
+from conftest import run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
 from hf_models import copy_tokenizer, random_qwen2, write_qwen1_checkpoint
 from workers.trainer_common import run_args, run_plan, step_records
@@ -140,14 +140,15 @@ def runs(tmp_path_factory):
         else:
             model.save_pretrained(tmp / f"{name}_hf")
             copy_tokenizer(tmp / f"{name}_hf")
-        commands.append(["hf-to-mcore", "--hf-dir", str(tmp / f"{name}_hf"), "--mcore-dir", str(tmp / f"{name}_mc")])
-    (tmp / "commands.json").write_text(json.dumps(commands))
-    run_python("convert_cli_runs.py", tmp / "commands.json")
+        commands.append(["convert_checkpoint", "hf-to-mcore", "--hf-dir", str(tmp / f"{name}_hf"),
+                         "--mcore-dir", str(tmp / f"{name}_mc")])
     write_jsonl(tmp / "chats.jsonl", CONVERSATIONS)
-    for name, (_, _, _, system_prompt) in MODELS.items():
-        run_python(REPO / "tools" / "preprocess_chatml.py", "--input", tmp / "chats.jsonl", "--tokenizer",
-                   tmp / f"{name}_hf", "--output-prefix", tmp / f"{name}_chats", "--seq-length", SEQ_LENGTH,
-                   "--system-prompt", system_prompt)
+    commands += [["preprocess_chatml", "--input", str(tmp / "chats.jsonl"), "--tokenizer", str(tmp / f"{name}_hf"),
+                  "--output-prefix", str(tmp / f"{name}_chats"), "--seq-length", str(SEQ_LENGTH),
+                  "--system-prompt", system_prompt, "--no-progress"]
+                 for name, (_, _, _, system_prompt) in MODELS.items()]
+    (tmp / "commands.json").write_text(json.dumps(commands))
+    run_python("tool_runs.py", tmp / "commands.json")
     plan = [
         {"name": name, "flags": run_args(
             str(tmp / f"{name}_chats"), str(tmp / f"{name}_mc"), save_dir=str(tmp / f"{name}_trained"), rows="padfree",
@@ -159,10 +160,10 @@ def runs(tmp_path_factory):
     ]
     ended = run_plan(run_torchrun, 2, plan, tmp)
     assert all(result["ended"] == "done" for result in ended.values()), ended
-    exports = [["mcore-to-hf", "--mcore-dir", str(tmp / f"{name}_trained"), "--hf-dir", str(tmp / f"{name}_out")]
-               for name in MODELS]
+    exports = [["convert_checkpoint", "mcore-to-hf", "--mcore-dir", str(tmp / f"{name}_trained"),
+                "--hf-dir", str(tmp / f"{name}_out")] for name in MODELS]
     (tmp / "exports.json").write_text(json.dumps(exports))
-    run_python("convert_cli_runs.py", tmp / "exports.json")
+    run_python("tool_runs.py", tmp / "exports.json")
     tokenizer = AutoTokenizer.from_pretrained(tmp / "tied_pp2_hf")
     results = {}
     for name, (_, _, _, system_prompt) in MODELS.items():

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Training throughput of this repository's SFT trainer against the plain transformers loop, same data and batch.
 
-    python tools/benchmark_sft.py [--preset qwen2.5-1.5b qwen-1.8b] [--rows pad|pack] [--steps 10] [--warmup 3]
+    python tools/benchmark_sft.py [--preset qwen2.5-1.5b qwen-1.8b] [--rows pad pack padfree] [--steps 10] [--warmup 3]
                                   [--global-batch-size 32] [--micro-batch-size 1] [--peer-compile] [TRAINER FLAGS]
     torchrun --nproc-per-node 8 tools/benchmark_sft.py ...              # several GPUs: data parallelism
 
-For each preset (random weights) it trains two rows on the same device, one after the other:
+For each data regime (``--rows``, one or several) and each preset (random weights) it trains two rows on the same
+device, one after the other:
 
 * ``ours``: ``training.trainer.Trainer`` itself (its configuration, data pipeline, step and log), for
   ``--warmup + --steps`` updates; flags this script does not know go to the trainer's configuration (e.g.
@@ -83,7 +84,8 @@ def parse_args(argv=None):
     # no abbreviations: a trainer flag must never be taken for a prefix of one of ours
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", nargs="+", default=DEFAULT_PRESETS, choices=sorted(PRESETS))
-    parser.add_argument("--rows", choices=("pad", "pack", "padfree"), default="pad", help="data regime of both rows")
+    parser.add_argument("--rows", nargs="+", choices=("pad", "pack", "padfree"), default=["pad"],
+                        help="data regimes, each measured for both rows (in one process: one start-up, one matmul rate)")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--global-batch-size", type=int, default=32,
                         help="rows per update (both rows); conversations with --rows padfree")
@@ -248,10 +250,10 @@ def counted_host_syncs(device: torch.device):
 # ---- our row: the trainer itself ----
 
 
-def trainer_argv(args, preset: str, prefix: str, records_dir: Path, trainer_flags: list[str]) -> list[str]:
+def trainer_argv(args, preset: str, rows: str, prefix: str, records_dir: Path, trainer_flags: list[str]) -> list[str]:
     updates = args.warmup + args.steps
     return [
-        "--preset", preset, "--data-path", prefix, "--tokenizer", args.tokenizer, "--rows", args.rows,
+        "--preset", preset, "--data-path", prefix, "--tokenizer", args.tokenizer, "--rows", rows,
         "--seq-length", str(args.seq_length), "--global-batch-size", str(args.global_batch_size),
         "--micro-batch-size", str(args.micro_batch_size), "--train-steps", str(updates), "--warmup-steps", "0",
         "--dropout", str(args.dropout), "--valid-fraction", "0", "--eval-interval", "0",
@@ -470,22 +472,24 @@ def main(argv=None) -> int:
         work = Path(work)
         prefix, stats = write_dataset(work, args)
         report["dataset"] = {"conversations": stats["conversations"]["written"], "lengths": stats["conversation_length"]}
-        for index, preset in enumerate(args.preset):
-            records_dir = work / f"ours_{index}_{preset}"
-            with profiled(args.profile, f"{index}_{preset}_ours", device):
+        for index, (regime, preset) in enumerate((regime, preset) for regime in args.rows for preset in args.preset):
+            run_name = f"{index}_{regime}_{preset}"
+            records_dir = work / f"ours_{run_name}"
+            with profiled(args.profile, f"{run_name}_ours", device):
                 ours, config, model, world = run_ours(
-                    trainer_argv(args, preset, prefix, records_dir, trainer_flags), records_dir, device
+                    trainer_argv(args, preset, regime, prefix, records_dir, trainer_flags), records_dir, device
                 )
             rows = [ours]
             for name, compile_model in (("peer", False), ("peer+compile", True))[: 1 + args.peer_compile]:
-                with profiled(args.profile, f"{index}_{preset}_{name}", device):
+                with profiled(args.profile, f"{run_name}_{name}", device):
                     rows.append(run_peer(name, config, model, device, compile_model, args.warmup + args.steps))
             if rank == 0:
                 summaries = [row.summary(model, args.seq_length, args.warmup, world, args.peak_tflops) for row in rows]
                 ratio = summaries[0]["tokens_per_s_per_gpu"] / summaries[1]["tokens_per_s_per_gpu"]
                 positions = sum(ours.rows[args.warmup :]) * args.seq_length  # both rows saw the same rows
                 report["runs"].append({
-                    "preset": preset, "world_size": world, "rows": summaries, "ours_over_peer_tokens_per_s": ratio,
+                    "preset": preset, "regime": regime, "world_size": world, "rows": summaries,
+                    "ours_over_peer_tokens_per_s": ratio,
                     "row_fill": sum(ours.tokens[args.warmup :]) / positions, "ours_host_syncs": ours.host_syncs,
                 })
     say(f"\n# SFT training throughput, {header['date']}")
@@ -494,12 +498,12 @@ def main(argv=None) -> int:
         f"(MFU against {args.peak_tflops:g} TFLOP/s)")
     say("versions: " + ", ".join(f"{name} {version}" for name, version in header["versions"].items()))
     say(f"data: {report['dataset']['conversations']} synthetic conversations, lengths {report['dataset']['lengths']}; "
-        f"rows {args.rows}, seq length {args.seq_length}, global batch {args.global_batch_size} "
-        f"{'conversations' if args.rows == 'padfree' else 'rows'}, "
+        f"seq length {args.seq_length}, global batch {args.global_batch_size} "
+        f"(conversations with rows padfree, rows otherwise), "
         f"micro-batch {args.micro_batch_size}, dropout {args.dropout}; {args.warmup} warm-up + {args.steps} timed "
         f"updates per row")
     for result in report["runs"]:
-        say(f"\n## {result['preset']} ({result['world_size']} GPU(s) / processes)")
+        say(f"\n## {result['preset']}, rows {result['regime']} ({result['world_size']} GPU(s) / processes)")
         say(table(result["rows"]))
         say(f"ours/peer tokens/s: {result['ours_over_peer_tokens_per_s']:.3f}")
         say(f"row fill: {result['row_fill']:.1%} of the positions of the timed updates are non-padding tokens")
