@@ -1,6 +1,7 @@
-"""Function-calling conversations (examples/data/chat_tools.jsonl): rendered as Qwen3's own chat template
-renders them (the template shipped in the Qwen3 tokenizer folder, run by transformers), supervised on the
-replies and calls only, served by the exported template exactly as trained, and bad rows named."""
+"""Function-calling conversations (examples/data/chat_tools.jsonl) and replies with reasoning: rendered as
+Qwen3's own chat template renders them (the template shipped in the Qwen3 tokenizer folder, run by
+transformers), supervised on the replies, their reasoning and calls only, served by the exported template
+exactly as trained, and bad rows named."""
 import json
 
 import numpy as np
@@ -138,6 +139,47 @@ CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
      '"conversations"[1] "value"[0] has no "name" string'),
 ])
 def test_bad_function_calling_rows_are_named(row, reason):
+    with pytest.raises(ConversationError) as error:
+        parse_conversation(json.dumps(row).encode())
+    assert reason in str(error.value)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+REASONING_ROWS = [  # replies after the last user message, the ones Qwen3's template keeps reasoning for
+    {"messages": [{"role": "user", "content": "Is 91 prime?"},
+                  {"role": "assistant", "content": "\n\nNo: 91 = 7 x 13.", "reasoning_content": "\nTry 7: 7 x 13 = 91.\n"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": ""}]},
+    {"messages": [{"role": "user", "content": "Weather in Oslo?"},
+                  {"role": "assistant", "content": "", "reasoning_content": "Call the tool.", "tool_calls": [
+                      {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                  {"role": "tool", "content": "-6"},
+                  {"role": "assistant", "content": "-6 °C.", "reasoning_content": "The tool said -6."}],
+     "tools": [WEATHER]},
+]
+
+
+@pytest.mark.parametrize("row", REASONING_ROWS, ids=range(len(REASONING_ROWS)))
+def test_reasoning_leads_the_reply_as_in_qwen3s_own_chat_template(hf_tokenizer, row):
+    messages, tools = openai_form(row)
+    assert render_text(ours(row, "")) == hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    served = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template(""), tokenize=False)
+    assert served == render_text(ours(row, ""))
+
+
+def test_reasoning_is_supervised_with_its_reply():
+    renderer = ChatMLRenderer(load_tokenizer(str(hf_tokenizer_dir())))
+    ids, mask = renderer.render(ours(REASONING_ROWS[0], ""))
+    supervised = renderer.tokenizer.decode([token for token, target in zip(ids, mask) if target])
+    assert supervised == "<think>\nTry 7: 7 x 13 = 91.\n</think>\n\nNo: 91 = 7 x 13.<|im_end|>"
+
+
+@pytest.mark.parametrize("message, reason", [
+    ({"role": "assistant", "content": "a", "reasoning_content": ["r"]},
+     '"messages"[1] "reasoning_content" is list, not a string'),
+    ({"role": "user", "content": "a", "reasoning_content": "r"}, '"messages"[1] has "reasoning_content" but is a user turn'),
+])
+def test_bad_reasoning_is_named(message, reason):
+    row = {"messages": [{"role": "user", "content": "q"}, message, {"role": "assistant", "content": "b"}]}
     with pytest.raises(ConversationError) as error:
         parse_conversation(json.dumps(row).encode())
     assert reason in str(error.value)

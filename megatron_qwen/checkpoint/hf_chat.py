@@ -3,8 +3,8 @@
 The chat template renders exactly the training data's ChatML (``megatron_qwen.data.chatml``): a
 system turn with the training data's default system prompt first when the conversation has none (none
 when that prompt was empty), then ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, and
-``<|im_start|>assistant\\n`` when a generation prompt is asked for; ``tools``, tool calls and tool results
-as ``data.tool_calls`` writes them into the training data. ``generation_config.json`` ends
+``<|im_start|>assistant\\n`` when a generation prompt is asked for; ``tools``, tool calls, tool results and a
+reply's reasoning as ``data.conversations`` writes them into the training data. ``generation_config.json`` ends
 generation at ``<|im_end|>`` (the end of a reply) or ``<|endoftext|>``, so a served model stops after
 its answer.
 """
@@ -50,7 +50,11 @@ def chat_template(system_prompt: str) -> str:
         "{{- '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
         "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
         "{%- else %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['role'] == 'assistant' and message['reasoning_content'] is string %}"
+        "{{- '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
+        " + (message['content'] or '').lstrip('\\n') }}"
+        "{%- else %}{{- message['content'] or '' }}{%- endif %}"
         "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
         "{%- for call in message['tool_calls'] %}"
         "{%- if 'function' in call %}{%- set call = call['function'] %}{%- endif %}"

@@ -1,13 +1,16 @@
 """Parses one JSON Lines row into a conversation, in either format people have, or says what is wrong.
 
 * OpenAI style: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}]}``, where an
-  assistant message may carry ``"tool_calls"`` (its ``content`` may then be null) and the row ``"tools"``.
+  assistant message may carry ``"tool_calls"`` and ``"reasoning_content"`` (its ``content`` may then be null)
+  and the row ``"tools"``.
 * ShareGPT / Qwen-finetune style: ``{"conversations": [{"from": "system"|"user"|"human"|"assistant"|"gpt",
   "value": "..."}]}``; for function calling (as LLaMA-Factory writes it) also ``"function_call"`` turns whose
   value is the call (or a list of calls) as JSON, ``"observation"`` turns holding a result, and the row's
   ``"tools"``, often a JSON string.
 
-Function calling becomes plain turns as ``tool_calls`` describes; other keys are ignored. A row is rejected
+Function calling becomes plain turns as ``tool_calls`` describes, and a reply's reasoning leads it as
+``<think>\\nREASONING\\n</think>\\n\\n`` (as Qwen3's template writes the replies it keeps reasoning for);
+other keys are ignored. A row is rejected
 (``ConversationError`` with the reason) when it is not valid UTF-8 or JSON, has neither list, names an
 unknown role, has non-string content, malformed tools or calls, is empty, or has no assistant turn.
 """
@@ -27,6 +30,7 @@ _FORMATS = {  # list key -> (role key, content key)
 }
 _PLAIN_ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 _ROLE_NAMES = {**_PLAIN_ROLE_NAMES, "tool": "tool", "observation": "tool", "function_call": "function_call"}
+_REPLY_EXTRAS = ("tool_calls", "reasoning_content")  # keys of an assistant message besides its content
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -78,7 +82,8 @@ def parse_conversation(row: bytes) -> Conversation:
 
 def _messages(items: list, list_key: str, row: bytes) -> list[Message]:
     role_key, content_key = _FORMATS[list_key]
-    if b'"tool' not in row:  # the common case in one tight loop; anything else takes the full path below
+    # The common case in one tight loop; rows with tools or reasoning, and bad rows, take the full path below.
+    if b'"tool' not in row and b'"reasoning_content"' not in row:
         try:
             messages = [(_PLAIN_ROLE_NAMES[item[role_key]], item[content_key]) for item in items]
             if all(type(content) is str for _, content in messages):
@@ -91,8 +96,8 @@ def _messages(items: list, list_key: str, row: bytes) -> list[Message]:
 
 
 def _message(item, where: str, role_key: str, content_key: str) -> Message:
-    """One message, with any tool calls written into its content; raises the ConversationError that says
-    what is wrong with it."""
+    """One message, with any reasoning and tool calls written into its content; raises the ConversationError
+    that says what is wrong with it."""
     if not isinstance(item, dict):
         raise ConversationError(f"{where} is {type(item).__name__}, not an object")
     if role_key not in item:
@@ -100,22 +105,36 @@ def _message(item, where: str, role_key: str, content_key: str) -> Message:
     role = item[role_key]
     if not isinstance(role, str) or role not in _ROLE_NAMES:
         raise ConversationError(f'{where} has unknown role {role!r} (expected one of {", ".join(_ROLE_NAMES)})')
-    role, content, calls = _ROLE_NAMES[role], item.get(content_key), item.get("tool_calls")
-    calls_where = f'{where} "tool_calls"'
+    role = _ROLE_NAMES[role]
     if role == "function_call":  # ShareGPT: the turn's value is the call itself
         calls_where = f'{where} "{content_key}"'
-        role, calls, content = "assistant", decode_json(item.get(content_key), calls_where), ""
-    if calls is not None and role != "assistant":
-        raise ConversationError(f'{where} has "tool_calls" but is a {role} turn')
-    if calls is not None and content is None:  # OpenAI writes a reply that only calls tools so
+        return Message("assistant", calls_text(decode_json(item.get(content_key), calls_where), calls_where))
+    extras = {key: item[key] for key in _REPLY_EXTRAS if item.get(key) is not None}
+    if extras and role != "assistant":
+        raise ConversationError(f'{where} has "{next(iter(extras))}" but is a {role} turn')
+    content = item.get(content_key)
+    if content is None and extras:  # OpenAI writes a reply that only calls tools so
         content = ""
     elif content_key not in item:
         raise ConversationError(f'{where} has no "{content_key}" key')
     elif not isinstance(content, str):
         raise ConversationError(f'{where} "{content_key}" is {type(content).__name__}, not a string')
-    if calls is not None:
-        content = calls_text(content, calls, calls_where)
-    return Message(role, content)
+    return Message(role, _reply_text(content, extras, where) if extras else content)
+
+
+def _reply_text(content: str, extras: dict, where: str) -> str:
+    """An assistant reply as Qwen3's template writes it: its reasoning (in a think block) first, then its
+    content, then its tool calls (on the content's next line when there is content)."""
+    text = content
+    if "reasoning_content" in extras:
+        reasoning = extras["reasoning_content"]
+        if not isinstance(reasoning, str):
+            raise ConversationError(f'{where} "reasoning_content" is {type(reasoning).__name__}, not a string')
+        text = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+    calls = calls_text(extras["tool_calls"], f'{where} "tool_calls"') if "tool_calls" in extras else ""
+    if calls:
+        text += ("\n" if content else "") + calls
+    return text
 
 
 def _join_tool_results(messages: list[Message]) -> list[Message]:

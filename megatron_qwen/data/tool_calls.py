@@ -7,7 +7,8 @@ render function calling as plain ChatML turns, so a function-calling conversatio
 * the offered tools: a "# Tools" block listing each tool's JSON in ``<tools></tools>``, appended to the
   system turn after a blank line (the whole system turn when the system prompt is empty);
 * an assistant's calls: ``<tool_call>\\n{"name": NAME, "arguments": ARGUMENTS}\\n</tool_call>`` each, one per
-  line after the reply's text, so they are supervised like the rest of the reply;
+  line after the reply's text (on its next line, if it has text), so they are supervised like the rest of the
+  reply;
 * tool results: ``<tool_response>\\nRESULT\\n</tool_response>`` each; consecutive results share one user
   turn, so they are never targets.
 
@@ -75,15 +76,13 @@ def with_tools(system: str, block: str) -> str:
     return f"{system}\n\n{block}" if system else block
 
 
-def calls_text(content: str, calls, where: str) -> str:
-    """An assistant reply's content followed by its tool calls (a list of calls, or one call)."""
+def calls_text(calls, where: str) -> str:
+    """The text of an assistant reply's tool calls (a list of calls, or one call), one per line."""
     if isinstance(calls, dict):
         calls = [calls]
     if not isinstance(calls, list):
         raise ToolCallError(f"{where} is {type(calls).__name__}, not a list")
-    parts = [content] if content else []
-    parts += [_call_text(call, f"{where}[{number}]") for number, call in enumerate(calls)]
-    return "\n".join(parts)
+    return "\n".join(_call_text(call, f"{where}[{number}]") for number, call in enumerate(calls))
 
 
 def _call_text(call, where: str) -> str:
