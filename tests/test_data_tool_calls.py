@@ -57,9 +57,9 @@ def test_rows_render_as_qwen3s_own_chat_template(hf_tokenizer, row):
     # (it adds one only to the replies after the last user message). Qwen3's template adds no default
     # system prompt, so ours renders with an empty one.
     messages, tools = openai_form(row)
-    asked_again = {**row, "messages" if "messages" in row else "conversations":
-                   [*row.get("messages", row.get("conversations")),
-                    {"role": "user", "content": "Thanks."} if "messages" in row else {"from": "human", "value": "Thanks."}]}
+    list_key, thanks = (("messages", {"role": "user", "content": "Thanks."}) if "messages" in row
+                        else ("conversations", {"from": "human", "value": "Thanks."}))
+    asked_again = {**row, list_key: [*row[list_key], thanks]}
     reference = hf_tokenizer.apply_chat_template([*messages, {"role": "user", "content": "Thanks."}], tools=tools,
                                                  tokenize=False)
     assert render_text(ours(asked_again, "")) == reference
@@ -147,8 +147,10 @@ def test_bad_function_calling_rows_are_named(row, reason):
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 REASONING_ROWS = [  # replies after the last user message, the ones Qwen3's template keeps reasoning for
     {"messages": [{"role": "user", "content": "Is 91 prime?"},
-                  {"role": "assistant", "content": "\n\nNo: 91 = 7 x 13.", "reasoning_content": "\nTry 7: 7 x 13 = 91.\n"}]},
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": ""}]},
+                  {"role": "assistant", "content": "\n\nNo: 91 = 7 x 13.",
+                   "reasoning_content": "\nTry 7: 7 x 13 = 91.\n"}]},
+    {"messages": [{"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!", "reasoning_content": ""}]},
     {"messages": [{"role": "user", "content": "Weather in Oslo?"},
                   {"role": "assistant", "content": "", "reasoning_content": "Call the tool.", "tool_calls": [
                       {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
@@ -176,7 +178,8 @@ def test_reasoning_is_supervised_with_its_reply():
 @pytest.mark.parametrize("message, reason", [
     ({"role": "assistant", "content": "a", "reasoning_content": ["r"]},
      '"messages"[1] "reasoning_content" is list, not a string'),
-    ({"role": "user", "content": "a", "reasoning_content": "r"}, '"messages"[1] has "reasoning_content" but is a user turn'),
+    ({"role": "user", "content": "a", "reasoning_content": "r"},
+     '"messages"[1] has "reasoning_content" but is a user turn'),
 ])
 def test_bad_reasoning_is_named(message, reason):
     row = {"messages": [{"role": "user", "content": "q"}, message, {"role": "assistant", "content": "b"}]}

@@ -28,8 +28,8 @@ def _jinja_string(text: str) -> str:
 
 
 def chat_template(system_prompt: str) -> str:
-    """The template of ``with_system_prompt(messages, system_prompt, tools)`` rendered as ChatML, with tool
-    calls and results written as ``data.tool_calls`` writes them."""
+    """The template of ``with_system_prompt(messages, system_prompt, tools)`` rendered as ChatML, with
+    reasoning, tool calls and tool results written as ``data.conversations`` writes them."""
     return (
         "{%- set given = messages and messages[0]['role'] == 'system' %}"
         "{%- set system = messages[0]['content'] if given else " + _jinja_string(system_prompt) + " %}"

@@ -178,8 +178,8 @@ def save_iteration(
 
     ``sharded_state_dict`` is what ``dist_checkpointing.save`` takes (the model's, and the
     optimizer's if any); ``tokenizer`` is a loaded ``megatron_qwen.data.tokenizer.ChatTokenizer`` or a
-    ``StoredTokenizer``, whose files are copied; ``extra_files`` maps names inside the iteration directory to contents.
-    With ``keep_last`` only that many newest iterations are kept afterwards.
+    ``StoredTokenizer``, whose files are copied; ``extra_files`` maps names inside the iteration directory
+    to contents. With ``keep_last`` only that many newest iterations are kept afterwards.
     """
     root = Path(root)
     final = root / iteration_name(iteration)

@@ -10,9 +10,9 @@
 
 Function calling becomes plain turns as ``tool_calls`` describes, and a reply's reasoning leads it as
 ``<think>\\nREASONING\\n</think>\\n\\n`` (as Qwen3's template writes the replies it keeps reasoning for);
-other keys are ignored. A row is rejected
-(``ConversationError`` with the reason) when it is not valid UTF-8 or JSON, has neither list, names an
-unknown role, has non-string content, malformed tools or calls, is empty, or has no assistant turn.
+other keys are ignored. A row is rejected (``ConversationError`` with the reason) when it is not valid
+UTF-8 or JSON, has neither list, names an unknown role, has non-string content, malformed tools, calls or
+reasoning, is empty, or has no assistant turn.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def _reply_text(content: str, extras: dict, where: str) -> str:
         reasoning = extras["reasoning_content"]
         if not isinstance(reasoning, str):
             raise ConversationError(f'{where} "reasoning_content" is {type(reasoning).__name__}, not a string')
-        text = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+        reasoning, reply = reasoning.strip("\n"), content.lstrip("\n")
+        text = f"<think>\n{reasoning}\n</think>\n\n{reply}"
     calls = calls_text(extras["tool_calls"], f'{where} "tool_calls"') if "tool_calls" in extras else ""
     if calls:
         text += ("\n" if content else "") + calls

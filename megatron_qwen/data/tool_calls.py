@@ -33,7 +33,7 @@ class ToolCallError(ValueError):
     """Function-calling data that cannot be rendered; the message says where and why."""
 
 
-def to_json(value) -> str:
+def _to_json(value) -> str:
     """JSON as the chat templates' ``tojson`` filter writes it."""
     return json.dumps(value, ensure_ascii=False)
 
@@ -55,7 +55,7 @@ def tools_block(tools) -> str:
             if "name" not in tool:
                 raise ToolCallError(f'"tools"[{number}] has neither "function" nor "name"')
             tool = {"type": "function", "function": tool}
-        lines.append("\n" + to_json(tool))
+        lines.append("\n" + _to_json(tool))
     return TOOLS_HEADER + "".join(lines) + TOOLS_FOOTER if lines else ""
 
 
@@ -96,7 +96,7 @@ def _call_text(call, where: str) -> str:
     if isinstance(arguments, str):
         decode_json(arguments, f'{where} "arguments"')  # kept as written, but it must be JSON
     elif isinstance(arguments, dict):
-        arguments = to_json(arguments)
+        arguments = _to_json(arguments)
     else:
         raise ToolCallError(f'{where} "arguments" is {type(arguments).__name__}, not an object or a JSON string')
     return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
