@@ -1,8 +1,9 @@
 """Function-calling conversations (examples/data/chat_tools.jsonl) and replies with reasoning: rendered as
 Qwen3's own chat template renders them (the template shipped in the Qwen3 tokenizer folder, run by
 transformers), supervised on the replies, their reasoning and calls only, served by the exported template
-exactly as trained, and bad rows named."""
+exactly as trained, and bad rows named (also 3000 randomly broken ones: rejected with a reason, never a crash)."""
 import json
+import random
 
 import numpy as np
 import pytest
@@ -186,3 +187,49 @@ def test_bad_reasoning_is_named(message, reason):
     with pytest.raises(ConversationError) as error:
         parse_conversation(json.dumps(row).encode())
     assert reason in str(error.value)
+
+
+def _mutated(row, rng):
+    """``row`` with one value somewhere (the row itself included) replaced by a value of another kind, or
+    removed from its object."""
+    row = json.loads(json.dumps(row))
+    places = []
+
+    def visit(value, parent, key):
+        places.append((parent, key))
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for child_key, child in children:
+            visit(child, value, child_key)
+
+    visit(row, None, None)
+    parent, key = rng.choice(places)
+    replacement = rng.choice([None, 0, 1.5, True, "", "x", "{}", "[1]", [], [1], {}, {"name": "f"}, {"function": 3},
+                              "\ud800"])
+    if parent is None:
+        return replacement
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[key]
+    else:
+        parent[key] = replacement
+    return row
+
+
+def test_any_malformed_row_is_rejected_with_a_reason_never_a_crash():
+    # 3000 rows of the samples, each with up to three values swapped for values of other kinds: every one either
+    # parses into turns the renderer takes or raises ConversationError (which the tool reports as FILE:LINE)
+    rng = random.Random(0)
+    samples = TOOL_ROWS + REASONING_ROWS
+    outcomes = {"parsed": 0, "rejected": 0}
+    for _ in range(3000):
+        row = rng.choice(samples)
+        for _ in range(rng.randint(1, 3)):
+            row = _mutated(row, rng)
+        try:
+            conversation = parse_conversation(json.dumps(row).encode())
+        except ConversationError:
+            outcomes["rejected"] += 1
+            continue
+        messages = with_system_prompt(conversation.messages, "", conversation.tools)
+        assert all(role in ("system", "user", "assistant") and isinstance(content, str) for role, content in messages)
+        outcomes["parsed"] += 1
+    assert outcomes["parsed"] > 100 and outcomes["rejected"] > 100, outcomes
