@@ -79,6 +79,8 @@ def test_exported_template_serves_the_trained_ids(hf_tokenizer, system_prompt):
     renderer = ChatMLRenderer(load_tokenizer(str(hf_tokenizer_dir())))
     for row in TOOL_ROWS:
         messages, tools = openai_form(row)
+        if "conversations" in row:  # bare function schemas, which both wrap as {"type": "function", ...}
+            tools = json.loads(row["tools"])
         trained = ours(row, system_prompt)
         served = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
                                                   add_generation_prompt=True)
