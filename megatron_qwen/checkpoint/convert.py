@@ -72,15 +72,15 @@ def mcore_to_hf(
     hf_format = hf_format or default_format(cfg)
     entries = list(LAYOUTS[hf_format].entries(cfg))  # fails early for a model the format cannot hold
     system_prompt = template_system_prompt(iteration_dir) if system_prompt is None else system_prompt
-    manifest = layout.tokenizer_manifest(iteration_dir)
+    tokenizer = layout.stored_tokenizer(iteration_dir)
     staging = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     dtype = _export_weights(iteration_dir, cfg, entries, SafetensorsShardWriter(staging, max_shard_bytes))
     (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
-    for name in manifest["files"]:
-        shutil.copyfile(layout.tokenizer_dir(iteration_dir) / name, staging / name)
-    hf_chat.write_chat_files(staging, manifest["kind"], system_prompt)
+    for source in tokenizer.files:
+        shutil.copyfile(source, staging / source.name)
+    hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt)
     if hf_dir.exists():
         hf_dir.rmdir()
     staging.rename(hf_dir)
