@@ -5,8 +5,9 @@ start-up, rank 1 stays away for LATE seconds and exits without joining anything,
 all-reduce of megatron's tensor-parallel group, then in a barrier of the world group (where checkpoint saves
 wait). Rank 0 prints one JSON line: for each collective, whether it failed and after how many seconds.
 
-The timeout also bounds start-up itself, so the ranks first meet through files in HANDSHAKE_DIR: on a loaded
-machine one rank can finish importing megatron seconds after the other, which must not count as lateness.
+The timeout also bounds start-up itself, so the ranks first meet through files in the directory that the
+second argument names: on a loaded machine one rank can finish importing megatron seconds after the other,
+which must not count as lateness.
 """
 import json
 import os
