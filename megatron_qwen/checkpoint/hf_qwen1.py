@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import fused
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename, require_attention
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, gate_up, model_entries, rename, require_attention
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen"
@@ -44,12 +44,7 @@ def _layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
         )
     yield rename(layer.attention_out, hf + "attn.c_proj.weight")
     yield rename(layer.mlp_norm, hf + "ln_2.weight")
-    yield Entry(
-        layer.fc1,
-        (hf + "mlp.w2.weight", hf + "mlp.w1.weight"),  # (gate, up)
-        fuse=lambda gate_up: fused.fuse_gate_up(*gate_up),
-        split=fused.split_gate_up,
-    )
+    yield gate_up(layer.fc1, gate=hf + "mlp.w2.weight", up=hf + "mlp.w1.weight")
     yield rename(layer.fc2, hf + "mlp.c_proj.weight")
 
 

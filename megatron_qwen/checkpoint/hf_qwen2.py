@@ -15,7 +15,7 @@ import torch
 
 from megatron_qwen.checkpoint import fused
 from megatron_qwen.checkpoint.hf_chat import ENDOFTEXT_ID, IM_END_ID
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, model_entries, rename, require_attention
+from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, gate_up, model_entries, rename, require_attention
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen2"
@@ -46,12 +46,7 @@ def layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
         yield rename(layer.k_norm, hf + "self_attn.k_norm.weight")
     yield rename(layer.attention_out, hf + "self_attn.o_proj.weight")
     yield rename(layer.mlp_norm, hf + "post_attention_layernorm.weight")
-    yield Entry(
-        layer.fc1,
-        (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-        fuse=lambda gate_up: fused.fuse_gate_up(*gate_up),
-        split=fused.split_gate_up,
-    )
+    yield gate_up(layer.fc1, gate=hf + "mlp.gate_proj.weight", up=hf + "mlp.up_proj.weight")
     yield rename(layer.fc2, hf + "mlp.down_proj.weight")
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from megatron_qwen.checkpoint import fused
 from megatron_qwen.models.presets import QwenConfig
 
 Read = Callable[[str], torch.Tensor]
@@ -89,6 +90,11 @@ class Entry:
 
 def rename(megatron: str, hf: str) -> Entry:
     return Entry(megatron, (hf,))
+
+
+def gate_up(fc1: str, gate: str, up: str) -> Entry:
+    """megatron's fused SwiGLU input projection from the separate gate and up projections."""
+    return Entry(fc1, (gate, up), fuse=lambda gate_up: fused.fuse_gate_up(*gate_up), split=fused.split_gate_up)
 
 
 def model_entries(
