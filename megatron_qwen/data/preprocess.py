@@ -21,17 +21,13 @@ from tqdm import tqdm
 
 from megatron_qwen.data.dataset_files import StagedDataset
 from megatron_qwen.data.encode import BatchSummary, ConversationEncoder, EncodeSettings, Row
-from megatron_qwen.data.sources import BATCH_BYTES, read_batches
+from megatron_qwen.data.sources import BATCH_BYTES, InputError, read_batches
 from megatron_qwen.data.stats import DatasetStats
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.data.writer import DatasetWriter, write_batch_file
 
 ON_ERROR = ("fail", "skip")
 STATS_FORMAT = "megatron-qwen-sft-dataset/1"
-
-
-class InputError(ValueError):
-    """A bad input row under ``on_error="fail"``; the message names the file and line."""
 
 
 @dataclass(frozen=True)
