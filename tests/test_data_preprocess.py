@@ -73,7 +73,8 @@ def test_sample_data_round_trip(tmp_path):
         ids, loss_mask = renderer.render(with_system_prompt(messages))
         assert tokens[index].tolist() == ids and mask[index].tolist() == loss_mask
     assert stats == read_stats(prefix)
-    assert stats["conversations"] == {"read": 42, "written": 42, "rejected": 0, "dropped_overlong": 0, "truncated": 0}
+    assert stats["conversations"] == {"read": 42, "written": 42, "rejected": 0, "added_by_split": 0,
+                                      "dropped_overlong": 0, "truncated": 0}
     assert stats["tokens"] == {"total": int(tokens.sequence_lengths.sum()),
                                "supervised": int(sum(mask[i].sum() for i in range(42)))}
     lengths = np.sort(tokens.sequence_lengths)
@@ -83,7 +84,7 @@ def test_sample_data_round_trip(tmp_path):
         "tokenizer": {"kind": "qwen", "vocab_file": "qwen.tiktoken", "vocab_size": 151851,
                       "sha256": "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"},
         "loss_mask": "assistant", "seq_length": 512, "system_prompt": "You are a helpful assistant.",
-        "overlong": "truncate"}
+        "overlong": "truncate", "reasoning_history": "keep"}
 
 
 @pytest.mark.parametrize("line, reason", BAD_ROWS)

@@ -3,7 +3,8 @@
 
     python tools/preprocess_chatml.py --input chats.jsonl[.gz] train.parquet ... --tokenizer qwen \
         --output-prefix data/chats [--seq-length 2048] [--workers N] [--loss-mask assistant] \
-        [--system-prompt TEXT] [--overlong truncate|drop] [--on-error fail|skip]
+        [--system-prompt TEXT] [--overlong truncate|drop] [--reasoning-history keep|split] \
+        [--on-error fail|skip]
 
 Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_stats.json (and
 PREFIX_rejects.jsonl with --on-error skip). See the README's data section.
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, LOSS_MASK_CONVENTIONS  # noqa: E402
+from megatron_qwen.data import reasoning_history  # noqa: E402
 from megatron_qwen.data.encode import OVERLONG_POLICIES, EncodeSettings  # noqa: E402
 from megatron_qwen.data.preprocess import ON_ERROR, InputError, PreprocessJob, run  # noqa: E402
 from megatron_qwen.data.tokenizer import TokenizerError  # noqa: E402
@@ -39,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which tokens are targets (see the README)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                         help="truncate at a turn boundary, or drop conversations longer than --seq-length")
+    parser.add_argument("--reasoning-history", choices=reasoning_history.POLICIES, default="keep",
+                        help="keep every reply's reasoning, or split multi-turn reasoning conversations into one "
+                             "sample per reasoning exchange, earlier replies without reasoning (as Qwen3 serves)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
                         help="stop at the first bad row, or write bad rows to PREFIX_rejects.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,7 +54,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         settings = EncodeSettings(loss_mask=args.loss_mask, seq_length=args.seq_length,
-                                  system_prompt=args.system_prompt, overlong=args.overlong)
+                                  system_prompt=args.system_prompt, overlong=args.overlong,
+                                  reasoning_history=args.reasoning_history)
         job = PreprocessJob(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                             settings=settings, workers=args.workers, on_error=args.on_error,
                             progress=not args.no_progress)
@@ -59,9 +65,10 @@ def main(argv=None) -> int:
         print(f"nothing was written under {args.output_prefix}", file=sys.stderr)
         return 1
     counts = stats["conversations"]
+    split = f", {counts['added_by_split']} added by the reasoning split" if counts["added_by_split"] else ""
     print(f"wrote {counts['written']} of {counts['read']} conversations ({stats['tokens']['total']} tokens, "
           f"{stats['tokens']['supervised']} supervised; {counts['truncated']} truncated, "
-          f"{counts['dropped_overlong']} dropped as overlong, {counts['rejected']} rejected) "
+          f"{counts['dropped_overlong']} dropped as overlong, {counts['rejected']} rejected{split}) "
           f"to {args.output_prefix}_*")
     print(json.dumps(stats["conversation_length"]))
     return 0

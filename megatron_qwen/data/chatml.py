@@ -11,6 +11,9 @@ before it); a trainer uses ``labels = tokens[1:]`` and ``loss_mask = mask[1:]``.
 * ``qwen-finetune``: the targets of Qwen's published finetune script: every turn's ``<|im_start|>``,
   ``<|im_end|>`` and the ``\\n`` after it, plus the assistant's content.
 * ``assistant-with-header``: ``assistant`` plus the ``assistant\\n`` after ``<|im_start|>``.
+
+An ``assistant_history`` turn is an assistant reply given as context only (``reasoning_history``): it
+renders as an ``assistant`` turn and is never a target, its frame counting as a user turn's.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ from megatron_qwen.data.tokenizer import ID_BYTES, Buffer
 from megatron_qwen.data.tool_calls import with_tools
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "assistant_history")
 _ROLE_INDEX = {role: index for index, role in enumerate(ROLES)}
+_HEADER = {**{role: role for role in ROLES}, "assistant_history": "assistant"}  # the role a turn's header names
 
 # Which of a turn's six pieces are targets: (<|im_start|>, role, "\n", content, <|im_end|>, "\n").
 _NOTHING = (0, 0, 0, 0, 0, 0)
 _MASK_PIECES = {
     "assistant": {"assistant": (0, 0, 0, 1, 1, 0)},
-    "qwen-finetune": {"assistant": (1, 0, 0, 1, 1, 1), "system": (1, 0, 0, 0, 1, 1), "user": (1, 0, 0, 0, 1, 1)},
+    "qwen-finetune": {"assistant": (1, 0, 0, 1, 1, 1), "system": (1, 0, 0, 0, 1, 1), "user": (1, 0, 0, 0, 1, 1),
+                      "assistant_history": (1, 0, 0, 0, 1, 1)},
     "assistant-with-header": {"assistant": (0, 1, 1, 1, 1, 0)},
 }
 LOSS_MASK_CONVENTIONS = tuple(_MASK_PIECES)
@@ -57,7 +62,7 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str = DEFAULT
 
 def render_text(messages: Iterable[Message]) -> str:
     """The ChatML text of a conversation, exactly what ``ChatMLRenderer.render`` tokenizes."""
-    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    return "".join(f"<|im_start|>{_HEADER[role]}\n{content}<|im_end|>\n" for role, content in messages)
 
 
 class ChatMLRenderer:
@@ -74,7 +79,7 @@ class ChatMLRenderer:
         self.tokenizer = tokenizer
         self.convention = convention
         newline = tokenizer.encode("\n")
-        role_ids = [tokenizer.encode(role) for role in ROLES]
+        role_ids = [tokenizer.encode(_HEADER[role]) for role in ROLES]
         self._heads = [_id_buffer([tokenizer.im_start_id, *ids, *newline]) for ids in role_ids]
         self._tail = _id_buffer([tokenizer.im_end_id, *newline])
         # Per role: the six pieces' lengths (the content's filled in per turn) and targets.

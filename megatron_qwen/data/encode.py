@@ -1,6 +1,7 @@
 """Turns batches of raw JSON Lines rows into token ids and loss masks (the work a worker process does).
 
-Per row: parse and add the system prompt; per batch: tokenize, fit overlong conversations to the
+Per row: parse, add the system prompt and, with ``reasoning_history="split"``, make one conversation per
+reasoning exchange (``reasoning_history``); per batch: tokenize, fit overlong conversations to the
 sequence length (truncate at a turn boundary, or drop), and lay out the ChatML ids and the loss mask.
 A batch comes back as its ids and mask (flat numpy arrays) and a summary: the counts, the length of
 each written conversation, and the rows that are not conversations (rejects, with their reason, in
@@ -15,6 +16,7 @@ import numpy as np
 
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, turns_that_fit, with_system_prompt
 from megatron_qwen.data.conversations import ConversationError, parse_conversation
+from megatron_qwen.data import reasoning_history
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -25,12 +27,16 @@ class EncodeSettings:
     seq_length: int = 2048
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     overlong: str = "truncate"
+    reasoning_history: str = "keep"
 
     def __post_init__(self):
         if self.seq_length < 1:
             raise ValueError(f"--seq-length must be positive, got {self.seq_length}")
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
+        if self.reasoning_history not in reasoning_history.POLICIES:
+            raise ValueError(f"--reasoning-history must be one of {', '.join(reasoning_history.POLICIES)}, "
+                             f"got {self.reasoning_history!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class BatchSummary:
     rows: int  # conversations read
     lengths: np.ndarray  # int64, tokens per written conversation
     supervised_tokens: int = 0
+    split: int = 0  # conversations added by reasoning_history="split"
     truncated: int = 0
     dropped_overlong: int = 0
     rejects: list[Reject] = field(default_factory=list)
@@ -80,6 +87,7 @@ class ConversationEncoder:
         contents: list = []
         turn_counts: list[int] = []
         rejects: list[Reject] = []
+        split = 0
         for row in rows:
             try:
                 conversation = parse_conversation(row.data)
@@ -87,7 +95,9 @@ class ConversationEncoder:
                 rejects.append(Reject(row.source, row.line, str(error), row.data))
                 continue
             messages = with_system_prompt(conversation.messages, self.settings.system_prompt, conversation.tools)
-            turn_counts.append(self.renderer.tokenize(messages, roles, contents))
+            made = reasoning_history.samples(messages) if self.settings.reasoning_history == "split" else (messages,)
+            split += len(made) - 1
+            turn_counts += [self.renderer.tokenize(sample, roles, contents) for sample in made]
         content_lengths = self.renderer.content_lengths(contents)
         role_indices = np.array(roles, dtype=np.int64)
         fitted = self._fit(role_indices, turn_counts, self.renderer.frame_lengths[role_indices] + content_lengths)
@@ -97,7 +107,8 @@ class ConversationEncoder:
             role_indices, content_lengths = role_indices[fitted.kept_turns], content_lengths[fitted.kept_turns]
         mask = self.renderer.mask(role_indices, content_lengths)
         summary = BatchSummary(rows=len(rows), lengths=fitted.lengths, supervised_tokens=int(np.count_nonzero(mask)),
-                               truncated=fitted.truncated, dropped_overlong=fitted.dropped, rejects=rejects)
+                               split=split, truncated=fitted.truncated, dropped_overlong=fitted.dropped,
+                               rejects=rejects)
         return EncodedBatch(self.renderer.ids(roles, contents), mask, summary)
 
     def _fit(self, roles: np.ndarray, turn_counts: list[int], turn_lengths: np.ndarray) -> _Fitted:

@@ -91,7 +91,7 @@ def provenance(tokenizer, settings: EncodeSettings) -> dict:
     """What the trainer checks before using a dataset with a model and a configuration."""
     return {"tokenizer": tokenizer.provenance(), "loss_mask": settings.loss_mask,
             "seq_length": settings.seq_length, "system_prompt": settings.system_prompt,
-            "overlong": settings.overlong}
+            "overlong": settings.overlong, "reasoning_history": settings.reasoning_history}
 
 
 class _BatchFileEncoder:

@@ -1,0 +1,59 @@
+"""What a reply's reasoning becomes once the conversation has moved on: kept (``keep``), or, as Qwen3's chat
+template does at serving time, dropped (``split``).
+
+Qwen3's template writes a reply's ``<think>`` block only while the reply follows the last user query (a
+user turn that is not tool results); earlier replies are written without it. Training on a whole
+multi-turn conversation with every reply's reasoning teaches the model contexts it never sees when served.
+``split`` turns such a conversation into one sample per exchange whose replies reason: the sample ends with
+that exchange, whose replies are the targets (with those of any exchanges before it that do not reason),
+and every earlier reply is context as the template writes it (the text after its last ``</think>``), never
+a target again, so each reply is trained on once, in the form served. A conversation whose replies reason
+only in its last exchange, or not at all, stays one sample as it is.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from megatron_qwen.data.chatml import Message
+
+POLICIES = ("keep", "split")
+_THINK_END = "</think>"
+
+
+def samples(messages: Sequence[Message]) -> list[list[Message]]:
+    """The samples ``split`` makes of one conversation (its system turn already in place)."""
+    cuts = _sample_ends(messages)
+    if len(cuts) <= 1:
+        return [list(messages)]
+    made, start = [], 0
+    for end in cuts:
+        made.append([_as_context(message) for message in messages[:start]] + list(messages[start:end]))
+        start = end
+    return made
+
+
+def _sample_ends(messages: Sequence[Message]) -> list[int]:
+    """Where the samples end: after each exchange (a query and what follows it up to the next one) with a
+    reasoning reply, and at the end when replies follow the last of those."""
+    ends, reasons, replies_since = [], False, False
+    for index, (role, content) in enumerate(messages):
+        if _is_query(role, content) and reasons:
+            ends.append(index)
+            reasons = replies_since = False
+        if role == "assistant":
+            reasons = reasons or _THINK_END in content
+            replies_since = True
+    if reasons or replies_since:
+        ends.append(len(messages))
+    return ends
+
+
+def _is_query(role: str, content: str) -> bool:
+    return role == "user" and not (content.startswith("<tool_response>") and content.endswith("</tool_response>"))
+
+
+def _as_context(message: Message) -> Message:
+    role, content = message
+    if role != "assistant":
+        return message
+    return Message("assistant_history", content.split(_THINK_END)[-1].lstrip("\n"))
