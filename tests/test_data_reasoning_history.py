@@ -2,7 +2,7 @@
 sample per such exchange. Each sample's text is what Qwen3's own chat template (shipped in the Qwen3 tokenizer
 folder, run by transformers) renders for the conversation up to the end of that exchange; the sample ends
 where the test says by hand; its targets are exactly the replies no earlier sample trained on (written out
-by hand); and conversations that reason in one exchange at most come out as ``keep`` writes them.
+by hand); and conversations that reason in their last exchange only come out as ``keep`` writes them.
 """
 import json
 
@@ -109,6 +109,17 @@ def test_each_reply_is_a_target_once_in_the_sample_that_ends_its_exchange(render
         assert hf_tokenizer.decode([i for i, target in zip(ids, loss_mask) if target]) == expected
 
 
+def test_plain_replies_after_the_last_reasoning_exchange_end_a_sample_of_their_own(renderer, hf_tokenizer):
+    # (Qwen3's template would add an empty <think> block to the last, plain reply; ours writes rows as given.)
+    row = {"messages": [user("Hi"), reply("Hello.", "Greet."), user("Bye"), reply("Bye.")]}
+    first, second = split(row)
+    assert render_text(second) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                                   "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nBye.<|im_end|>\n")
+    for sample, expected in ((first, "<think>\nGreet.\n</think>\n\nHello.<|im_end|>"), (second, "Bye.<|im_end|>")):
+        ids, loss_mask = renderer.render(sample)
+        assert hf_tokenizer.decode([i for i, target in zip(ids, loss_mask) if target]) == expected
+
+
 def test_history_replies_take_a_user_turns_frame_targets_under_qwen_finetune():
     row, _, _ = CASES["two reasoning exchanges"]
     second = split(row)[1]  # system, user, the first reply as history, user, the second reply
@@ -125,7 +136,7 @@ def job(inputs, prefix, seq_length=2048, reasoning="split"):
                          settings=settings, progress=False)
 
 
-def test_conversations_reasoning_once_at_most_are_written_as_keep_writes_them(tmp_path):
+def test_conversations_reasoning_in_their_last_exchange_only_are_written_as_keep_writes_them(tmp_path):
     rows = [REPO / "examples" / "data" / "chat_tools.jsonl", *SAMPLES]
     one_exchange = write_jsonl(tmp_path / "one.jsonl", [
         {"messages": [user("Hi"), reply("Hello.", "Greet.")]},

@@ -4,11 +4,12 @@ template does at serving time, dropped (``split``).
 Qwen3's template writes a reply's ``<think>`` block only while the reply follows the last user query (a
 user turn that is not tool results); earlier replies are written without it. Training on a whole
 multi-turn conversation with every reply's reasoning teaches the model contexts it never sees when served.
-``split`` turns such a conversation into one sample per exchange whose replies reason: the sample ends with
-that exchange, whose replies are the targets (with those of any exchanges before it that do not reason),
-and every earlier reply is context as the template writes it (the text after its last ``</think>``), never
-a target again, so each reply is trained on once, in the form served. A conversation whose replies reason
-only in its last exchange, or not at all, stays one sample as it is.
+``split`` cuts a conversation after each exchange (a user query and what follows it up to the next one)
+whose replies reason, and at its end when replies follow the last such cut; each cut gives one sample, the
+conversation up to the cut. Its targets are the replies since the previous cut; every earlier reply is
+context as the template writes it (the text after its last ``</think>``), never a target again, so each
+reply is trained on once, in the form served. A conversation whose replies reason only in its last
+exchange, or not at all, stays one sample as it is.
 """
 from __future__ import annotations
 
