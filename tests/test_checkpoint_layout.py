@@ -193,18 +193,29 @@ def test_mcore_to_hf_refuses_a_format_that_cannot_hold_the_model(tmp_path, capsy
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_mcore_to_hf_asks_which_system_prompt_when_the_training_data_had_several(tmp_path, capsys):
+def test_mcore_to_hf_asks_which_system_prompt_and_reasoning_history_when_the_training_data_had_several(tmp_path, capsys):
     from megatron_qwen.models.presets import PRESETS
 
     folder = make_iteration(tmp_path / "mc", 0)
     (folder / layout.MODEL_CONFIG).write_text(PRESETS["tiny"].to_json())
-    (folder / layout.CHAT_SETTINGS).write_text(layout.chat_settings(["Be brief.", "", "Be brief."]))
+    chat = layout.chat_settings(["Be brief.", "", "Be brief."], ["split", "keep", "keep"])
+    (folder / layout.CHAT_SETTINGS).write_text(chat)
     (tmp_path / "mc" / layout.LATEST).write_text("0")
-    assert layout.training_system_prompts(folder) == ["", "Be brief."]
+    assert layout.training_chat_settings(folder) == {"system_prompts": ["", "Be brief."],
+                                                     "reasoning_history": ["keep", "split"]}
     error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
     assert "trained on datasets with different default system prompts ['', 'Be brief.']" in error
     assert "--system-prompt" in error
-    # with the choice made, the export goes on (to the next problem of this stub: it has no tokenizer)
     error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o",
                           "--system-prompt", "")
-    assert "tokenizer" in error and "system prompts" not in error
+    assert "trained on datasets with different reasoning histories ['keep', 'split']" in error
+    assert "--reasoning-history" in error
+    # with the choices made, the export goes on (to the next problem of this stub: it has no tokenizer)
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o",
+                          "--system-prompt", "", "--reasoning-history", "split")
+    assert "tokenizer" in error and "trained on datasets" not in error
+
+
+def test_chat_settings_written_before_the_reasoning_split_mean_keep(tmp_path):
+    (tmp_path / layout.CHAT_SETTINGS).write_text(json.dumps({"system_prompts": ["Be brief."]}))
+    assert layout.training_chat_settings(tmp_path) == {"system_prompts": ["Be brief."], "reasoning_history": ["keep"]}

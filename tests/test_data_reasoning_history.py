@@ -12,6 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from transformers import AutoTokenizer
 
 from data_fixtures import IM_END, IM_START, REPO, SAMPLES, hf_tokenizer_dir, write_jsonl
+from megatron_qwen.checkpoint.hf_chat import chat_template
 from megatron_qwen.data import reasoning_history
 from megatron_qwen.data.chatml import ChatMLRenderer, render_text, with_system_prompt
 from megatron_qwen.data.conversations import parse_conversation
@@ -118,6 +119,22 @@ def test_plain_replies_after_the_last_reasoning_exchange_end_a_sample_of_their_o
     for sample, expected in ((first, "<think>\nGreet.\n</think>\n\nHello.<|im_end|>"), (second, "Bye.<|im_end|>")):
         ids, loss_mask = renderer.render(sample)
         assert hf_tokenizer.decode([i for i, target in zip(ids, loss_mask) if target]) == expected
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_exported_split_template_serves_the_context_the_last_sample_trained_on(hf_tokenizer, name):
+    # A served request holds the conversation so far, with every earlier reply's reasoning if the client
+    # sends it back; the prompt must be the last sample's text up to its last reply.
+    row, _, _ = CASES[name]
+    last = split(row)[-1]
+    history = [template_input(message) for message in row["messages"][:-1]]
+    served = hf_tokenizer.apply_chat_template(history, tools=row.get("tools"), chat_template=chat_template("", "split"),
+                                              add_generation_prompt=True, tokenize=False)
+    assert served == render_text(last[:-1]) + "<|im_start|>assistant\n"
+    # keep (the default) serves the earlier reasoning as written
+    kept = hf_tokenizer.apply_chat_template(history, tools=row.get("tools"), chat_template=chat_template(""),
+                                            add_generation_prompt=True, tokenize=False)
+    assert kept != served and kept.startswith(render_text(split(row)[0]))
 
 
 def test_history_replies_take_a_user_turns_frame_targets_under_qwen_finetune():

@@ -338,3 +338,20 @@ def test_packed_and_padded_micro_batches_give_the_same_loss_through_the_model(tm
     assert len(result["packed_conversations"]) > 4  # 4 packed rows really held several conversations each
     # Attention leaking across the packed conversations moved this loss by 6e-5 (relative) here; equal is 2e-7.
     assert result["packed"] == pytest.approx(result["padded"], rel=2e-6)
+
+
+def test_chat_settings_come_from_each_datasets_provenance(tmp_path):
+    # What the trainer records in chat.json for the exported chat template; older datasets name no policy.
+    prefixes = []
+    for name, provenance in (("a", {"system_prompt": "Be brief.", "reasoning_history": "split"}),
+                             ("b", {"system_prompt": ""})):
+        prefix = write_dataset(tmp_path / name, random_conversations(4, seed=0))
+        stats_file = tmp_path / f"{name}_stats.json"
+        stats = json.loads(stats_file.read_text())
+        stats["provenance"].update(provenance)
+        stats_file.write_text(json.dumps(stats))
+        prefixes.append(prefix)
+    samples = SFTSamples(prefixes, mode="pad", seq_length=SEQ, seed=0)
+    assert samples.chat_settings() == {"system_prompts": ["Be brief.", ""], "reasoning_history": ["split", "keep"]}
+    unrecorded = write_dataset(tmp_path / "c", random_conversations(4, seed=0))
+    assert SFTSamples([prefixes[0], unrecorded], mode="pad", seq_length=SEQ, seed=0).chat_settings() is None

@@ -6,9 +6,11 @@
       iteration 0 of the checkpoint layout in OUT. The tokenizer files come from --hf-dir unless
       --tokenizer-dir names another folder.
   mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
+              [--reasoning-history keep|split]
       Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
       index, config.json, the tokenizer files, the ChatML chat template (adding the training data's
-      default system prompt, or --system-prompt, to conversations without one) and generation_config.json.
+      default system prompt, or --system-prompt, to conversations without one, and writing earlier
+      replies' reasoning as the training data did, or as --reasoning-history says) and generation_config.json.
 
 Runs as a single process on the CPU; check the result with tools/verify_conversion.py.
 """
@@ -18,6 +20,7 @@ import argparse
 import sys
 
 from megatron_qwen.checkpoint.convert import LAYOUTS, hf_to_mcore, mcore_to_hf
+from megatron_qwen.data import reasoning_history
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GB)")
     to_hf.add_argument("--system-prompt", help="the chat template's system turn for conversations without one "
                        "('' for none; default: the one the training data was preprocessed with)")
+    to_hf.add_argument("--reasoning-history", choices=reasoning_history.POLICIES,
+                       help="whether the chat template keeps the reasoning of replies before the last user query "
+                            "(default: as the training data was preprocessed)")
     return parser.parse_args(argv)
 
 
@@ -47,7 +53,7 @@ def main(argv=None) -> int:
             written = hf_to_mcore(args.hf_dir, args.mcore_dir, args.tokenizer_dir)
         else:
             written = mcore_to_hf(args.mcore_dir, args.hf_dir, args.format, args.iteration,
-                                  int(args.max_shard_gb * 2**30), args.system_prompt)
+                                  int(args.max_shard_gb * 2**30), args.system_prompt, args.reasoning_history)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"convert_checkpoint.py {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -58,10 +58,11 @@ def mcore_to_hf(
     iteration: int | None = None,
     max_shard_bytes: int = 2 * 2**30,
     system_prompt: str | None = None,
+    reasoning_history: str | None = None,
 ) -> Path:
     """Writes one iteration of ``mcore_dir`` as a Hugging Face model directory in ``hf_format`` (default:
     ``default_format`` of the model), first under ``HF_DIR.partial``, renamed when complete. The chat
-    template's default system prompt is ``system_prompt``, else ``template_system_prompt``'s."""
+    template follows ``system_prompt`` and ``reasoning_history`` where given (see ``template_settings``)."""
     if hf_format is not None and hf_format not in LAYOUTS:
         raise ValueError(f"--format must be one of {sorted(LAYOUTS)}, not {hf_format!r}")
     hf_dir = Path(hf_dir)
@@ -71,7 +72,7 @@ def mcore_to_hf(
     cfg = layout.load_config(iteration_dir)
     hf_format = hf_format or default_format(cfg)
     entries = list(LAYOUTS[hf_format].entries(cfg))  # fails early for a model the format cannot hold
-    system_prompt = template_system_prompt(iteration_dir) if system_prompt is None else system_prompt
+    system_prompt, reasoning_history = template_settings(iteration_dir, system_prompt, reasoning_history)
     tokenizer = layout.stored_tokenizer(iteration_dir)
     staging = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -80,24 +81,35 @@ def mcore_to_hf(
     (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
     for source in tokenizer.files:
         shutil.copyfile(source, staging / source.name)
-    hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt)
+    hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt, reasoning_history)
     if hf_dir.exists():
         hf_dir.rmdir()
     staging.rename(hf_dir)
     return hf_dir
 
 
-def template_system_prompt(iteration_dir: Path) -> str:
-    """The system prompt the training data put before conversations without one (``tools/preprocess_chatml.py
-    --system-prompt``, recorded by the trainer), so that the served model sees what it was trained on; for a
-    checkpoint the trainer did not write, the preprocessing default."""
-    prompts = layout.training_system_prompts(iteration_dir)
-    if prompts is None:
-        return DEFAULT_SYSTEM_PROMPT
-    if len(prompts) > 1:
-        raise ValueError(f"{iteration_dir}: trained on datasets with different default system prompts {prompts}; "
-                         "choose the chat template's with --system-prompt ('' for none)")
-    return prompts[0]
+def template_settings(iteration_dir: Path, system_prompt: str | None, reasoning_history: str | None) -> tuple[str, str]:
+    """The chat template's default system prompt and reasoning history: the given ones, else those the training
+    data was preprocessed with (``tools/preprocess_chatml.py --system-prompt``, ``--reasoning-history``,
+    recorded by the trainer), so that the served model sees what it was trained on; for a checkpoint the
+    trainer did not write, the preprocessing defaults."""
+    recorded = layout.training_chat_settings(iteration_dir)
+    if recorded is None:
+        recorded = {"system_prompts": [DEFAULT_SYSTEM_PROMPT], "reasoning_history": ["keep"]}
+    if system_prompt is None:
+        system_prompt = _the_one(recorded["system_prompts"], iteration_dir, "default system prompts",
+                                 "--system-prompt ('' for none)")
+    if reasoning_history is None:
+        reasoning_history = _the_one(recorded["reasoning_history"], iteration_dir, "reasoning histories",
+                                     "--reasoning-history")
+    return system_prompt, reasoning_history
+
+
+def _the_one(values: list[str], iteration_dir: Path, what: str, option: str) -> str:
+    if len(values) > 1:
+        raise ValueError(f"{iteration_dir}: trained on datasets with different {what} {values}; "
+                         f"choose the chat template's with {option}")
+    return values[0]
 
 
 def default_format(cfg: QwenConfig) -> str:

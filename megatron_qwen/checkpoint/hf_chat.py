@@ -4,9 +4,10 @@ The chat template renders exactly the training data's ChatML (``megatron_qwen.da
 system turn with the training data's default system prompt first when the conversation has none (none
 when that prompt was empty), then ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, and
 ``<|im_start|>assistant\\n`` when a generation prompt is asked for; ``tools``, tool calls, tool results and a
-reply's reasoning as ``data.conversations`` writes them into the training data. ``generation_config.json`` ends
-generation at ``<|im_end|>`` (the end of a reply) or ``<|endoftext|>``, so a served model stops after
-its answer.
+reply's reasoning as ``data.conversations`` writes them into the training data (and, for data preprocessed
+with ``--reasoning-history split``, earlier replies as ``data.reasoning_history`` writes them).
+``generation_config.json`` ends generation at ``<|im_end|>`` (the end of a reply) or ``<|endoftext|>``, so a
+served model stops after its answer.
 """
 from __future__ import annotations
 
@@ -27,9 +28,31 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text)
 
 
-def chat_template(system_prompt: str) -> str:
+def chat_template(system_prompt: str, reasoning_history: str = "keep") -> str:
     """The template of ``with_system_prompt(messages, system_prompt, tools)`` rendered as ChatML, with
-    reasoning, tool calls and tool results written as ``data.conversations`` writes them."""
+    reasoning, tool calls and tool results written as ``data.conversations`` writes them; with
+    ``reasoning_history="split"``, the replies before the last user query as ``data.reasoning_history``
+    writes its context: the text after the last ``</think>``, reasoning dropped."""
+    reply = (
+        "{%- if message['role'] == 'assistant' and message['reasoning_content'] is string %}"
+        "{{- '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
+        " + (message['content'] or '').lstrip('\\n') }}"
+        "{%- else %}{{- message['content'] or '' }}{%- endif %}"
+    )
+    find_last_query = ""
+    if reasoning_history == "split":
+        find_last_query = (
+            "{%- set query = namespace(last=-1) %}"
+            "{%- for message in messages %}"
+            "{%- if message['role'] == 'user' and not (message['content'].startswith('<tool_response>')"
+            " and message['content'].endswith('</tool_response>')) %}{%- set query.last = loop.index0 %}{%- endif %}"
+            "{%- endfor %}"
+        )
+        reply = (
+            "{%- if message['role'] == 'assistant' and loop.index0 < query.last %}"
+            "{{- (message['content'] or '').split('</think>')[-1].lstrip('\\n') }}"
+            "{%- else %}" + reply + "{%- endif %}"
+        )
     return (
         "{%- set given = messages and messages[0]['role'] == 'system' %}"
         "{%- set system = messages[0]['content'] if given else " + _jinja_string(system_prompt) + " %}"
@@ -43,6 +66,7 @@ def chat_template(system_prompt: str) -> str:
         "{%- set system = (system + '\\n\\n' if system else '') + ns.block + " + _jinja_string(TOOLS_FOOTER) + " %}"
         "{%- endif %}"
         "{%- if system or given %}{{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{%- endif %}"
+        + find_last_query +
         "{%- for message in messages %}"
         "{%- if message['role'] == 'tool' %}"
         "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user\\n' }}"
@@ -51,10 +75,7 @@ def chat_template(system_prompt: str) -> str:
         "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
         "{%- else %}"
         "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-        "{%- if message['role'] == 'assistant' and message['reasoning_content'] is string %}"
-        "{{- '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
-        " + (message['content'] or '').lstrip('\\n') }}"
-        "{%- else %}{{- message['content'] or '' }}{%- endif %}"
+        + reply +
         "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
         "{%- for call in message['tool_calls'] %}"
         "{%- if 'function' in call %}{%- set call = call['function'] %}{%- endif %}"
@@ -80,10 +101,11 @@ def generation_config() -> dict:
     }
 
 
-def write_chat_files(out_dir: Path, tokenizer_kind: str, system_prompt: str) -> None:
-    """Writes ``generation_config.json`` and the chat template for ``system_prompt`` (as ``chat_template.jinja``
-    and inside ``tokenizer_config.json``, creating that file for a tokenizer folder that lacks one)."""
-    template = chat_template(system_prompt)
+def write_chat_files(out_dir: Path, tokenizer_kind: str, system_prompt: str, reasoning_history: str) -> None:
+    """Writes ``generation_config.json`` and the chat template for ``system_prompt`` and ``reasoning_history``
+    (as ``chat_template.jinja`` and inside ``tokenizer_config.json``, creating that file for a tokenizer folder
+    that lacks one)."""
+    template = chat_template(system_prompt, reasoning_history)
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     (out_dir / CHAT_TEMPLATE_FILE).write_text(template)
     config_path = out_dir / TOKENIZER_CONFIG

@@ -139,15 +139,20 @@ def stored_tokenizer(iteration_dir: str | Path) -> StoredTokenizer:
     return StoredTokenizer([tokenizer_dir(iteration_dir) / name for name in manifest["files"]], manifest)
 
 
-def chat_settings(system_prompts: list[str]) -> str:
-    """The ``chat.json`` content for a model trained on datasets rendered with ``system_prompts``."""
-    return json.dumps({"system_prompts": sorted(set(system_prompts))}, indent=1, ensure_ascii=False) + "\n"
+def chat_settings(system_prompts: list[str], reasoning_history: list[str]) -> str:
+    """The ``chat.json`` content for a model trained on datasets rendered with these default system prompts and
+    reasoning-history policies (one of each per dataset)."""
+    settings = {"system_prompts": sorted(set(system_prompts)), "reasoning_history": sorted(set(reasoning_history))}
+    return json.dumps(settings, indent=1, ensure_ascii=False) + "\n"
 
 
-def training_system_prompts(iteration_dir: str | Path) -> list[str] | None:
-    """The default system prompts the iteration's training data was rendered with (``None``: not trained here)."""
+def training_chat_settings(iteration_dir: str | Path) -> dict | None:
+    """What the iteration's training data was rendered with, as ``chat_settings`` lists it (``None``: not
+    trained here)."""
     path = Path(iteration_dir) / CHAT_SETTINGS
-    return json.loads(path.read_text())["system_prompts"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    return {"reasoning_history": ["keep"], **json.loads(path.read_text())}  # older files record no policy
 
 
 def sha256_file(path: Path) -> str:

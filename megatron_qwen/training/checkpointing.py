@@ -212,19 +212,19 @@ def save(
     trainer_state: dict,
     model: QwenConfig,
     tokenizer,
-    system_prompts: list[str] | None,
+    chat_settings: dict | None,
     keep_last: int,
 ) -> Path:
     """Writes iteration ``iteration`` (collective), made visible only when complete; keeps the last ``keep_last``.
-    ``system_prompts`` are the training data's (``chat.json``, which the export's chat template follows; not
-    written when the datasets do not record them)."""
+    ``chat_settings`` are what the training data was rendered with (``layout.chat_settings``' arguments, written
+    to ``chat.json``, which the export's chat template follows; not written when the datasets do not record them)."""
     requested = model_sharded_state_dict(ddp_chunks)
     state = dict(requested)
     state[OPTIMIZER_KEY] = optimizer_state.sharded_state_dict(optimizer, requested)
     state[rng.KEY] = rng.sharded_object(rng.capture())
     files = {TRAINER_STATE: json.dumps(trainer_state, indent=1) + "\n"}
-    if system_prompts is not None:
-        files[layout.CHAT_SETTINGS] = layout.chat_settings(system_prompts)
+    if chat_settings is not None:
+        files[layout.CHAT_SETTINGS] = layout.chat_settings(**chat_settings)
     return layout.save_iteration(
         root,
         iteration,

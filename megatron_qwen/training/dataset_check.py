@@ -85,10 +85,12 @@ def check_datasets(
             )
 
 
-def recorded_system_prompts(datasets: list[ConversationDataset]) -> list[str] | None:
-    """The default system prompt each dataset was rendered with (what an exported chat template must add), or
-    None when a dataset does not record it."""
+def recorded_chat_settings(datasets: list[ConversationDataset]) -> dict | None:
+    """What an exported chat template must follow: the default system prompt and the reasoning-history policy
+    each dataset was rendered with (``layout.chat_settings``' arguments), or None when a dataset does not record
+    its system prompt."""
     provenances = [read_stats(dataset.prefix).get("provenance", {}) for dataset in datasets]
     if not all("system_prompt" in provenance for provenance in provenances):
         return None
-    return [provenance["system_prompt"] for provenance in provenances]
+    return {"system_prompts": [provenance["system_prompt"] for provenance in provenances],
+            "reasoning_history": [provenance.get("reasoning_history", "keep") for provenance in provenances]}

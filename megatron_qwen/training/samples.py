@@ -13,7 +13,7 @@ restoring it into different settings is refused.
 from __future__ import annotations
 
 from megatron_qwen.training.conversations import ConversationDataset
-from megatron_qwen.training.dataset_check import check_datasets, recorded_system_prompts
+from megatron_qwen.training.dataset_check import check_datasets, recorded_chat_settings
 from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
 from megatron_qwen.training.sampling import (ConversationSampler, normalized_weights, split_conversations,
                                              validation_sample)
@@ -65,9 +65,9 @@ class SFTSamples:
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
 
-    def system_prompts(self) -> list[str] | None:
-        """The default system prompt each dataset was rendered with (None: not recorded by every dataset)."""
-        return recorded_system_prompts(self.datasets)
+    def chat_settings(self) -> dict | None:
+        """What the datasets were rendered with, for the exported chat template (``dataset_check``)."""
+        return recorded_chat_settings(self.datasets)
 
     def next_global_batch(self, global_batch_size: int, row_multiple: int = 1) -> list[Row]:
         """The rows of the next training step (advances the data position). ``global_batch_size`` counts rows

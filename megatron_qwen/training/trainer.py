@@ -134,7 +134,7 @@ class Trainer:
             data.pad_token_id, training.eval_conversations,
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
-        self.system_prompts = self.samples.system_prompts()
+        self.chat_settings = self.samples.chat_settings()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
         self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
@@ -205,7 +205,7 @@ class Trainer:
         }
         path = checkpointing.save(
             checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
-            self.tokenizer, self.system_prompts, checkpoint.keep_last,
+            self.tokenizer, self.chat_settings, checkpoint.keep_last,
         )
         self.reporter.print(f"iteration {self.iteration} | saved {path}")
 
