@@ -193,7 +193,7 @@ def test_mcore_to_hf_refuses_a_format_that_cannot_hold_the_model(tmp_path, capsy
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_mcore_to_hf_asks_which_system_prompt_and_reasoning_history_when_the_training_data_had_several(tmp_path, capsys):
+def test_mcore_to_hf_asks_which_chat_settings_when_the_training_data_had_several(tmp_path, capsys):
     from megatron_qwen.models.presets import PRESETS
 
     folder = make_iteration(tmp_path / "mc", 0)

@@ -29,7 +29,8 @@ def weather_tool(parameter: str) -> dict:
 UNIFIED_ROWS = [
     {"messages": [{"role": "user", "content": "Weather in Oslo?"},
                   {"role": "assistant", "content": None,
-                   "tool_calls": [{"type": "function", "function": {"name": "by_city", "arguments": '{"city": "Oslo"}'}}]},
+                   "tool_calls": [{"type": "function",
+                                   "function": {"name": "by_city", "arguments": '{"city": "Oslo"}'}}]},
                   {"role": "tool", "content": "rain"},
                   {"role": "assistant", "content": "Rain in Oslo."}],
      "tools": [weather_tool("city")]},

@@ -65,7 +65,8 @@ CASES = {
          '{"city": "Rome"}}\n</tool_call><|im_end|><think>\n\n</think>\n\nSun.<|im_end|>'],
     ),
     "reasoning written into the content": (
-        {"messages": [user("a?"), reply("<think>\nA.\n</think>\n\nx"), user("b?"), reply("<think>\nB.\n</think>\n\ny")]},
+        {"messages": [user("a?"), reply("<think>\nA.\n</think>\n\nx"),
+                      user("b?"), reply("<think>\nB.\n</think>\n\ny")]},
         [2, 4],
         ["<think>\nA.\n</think>\n\nx<|im_end|>", "<think>\nB.\n</think>\n\ny<|im_end|>"],
     ),

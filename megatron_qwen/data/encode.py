@@ -14,9 +14,9 @@ from itertools import compress
 
 import numpy as np
 
+from megatron_qwen.data import reasoning_history
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, turns_that_fit, with_system_prompt
 from megatron_qwen.data.conversations import ConversationError, parse_conversation
-from megatron_qwen.data import reasoning_history
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
