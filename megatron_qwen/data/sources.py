@@ -82,7 +82,10 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, bytes]]:
         columns = [name for name in PARQUET_COLUMNS if name in names]
         number = 0
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-            for record in batch.to_pylist():
+            records = batch.to_pylist()
+            if any(map(_holds_nulls, batch.columns)):  # most chat data holds none: skip the walk
+                records = [_without_nulls(record) for record in records]
+            for record in records:
                 number += 1
                 yield number, _json_row(record, path, number)
     except (OSError, pyarrow.ArrowException) as error:
@@ -91,9 +94,22 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def _json_row(record: dict, path: Path, number: int) -> bytes:
     try:
-        return json.dumps(_without_nulls(record), ensure_ascii=False).encode("utf-8")
+        return json.dumps(record, ensure_ascii=False).encode("utf-8")
     except TypeError as error:  # a binary or timestamp column, say
         raise InputError(f"{path}:{number}: not a JSON value: {error}") from None
+
+
+def _holds_nulls(array) -> bool:
+    """Whether an Arrow array has a null anywhere, nested values included."""
+    import pyarrow
+
+    if array.null_count:
+        return True
+    if pyarrow.types.is_struct(array.type):
+        return any(map(_holds_nulls, array.flatten()))
+    if pyarrow.types.is_list(array.type) or pyarrow.types.is_large_list(array.type):
+        return _holds_nulls(array.flatten())
+    return False
 
 
 def _without_nulls(value):
