@@ -65,10 +65,10 @@ def main(argv=None) -> int:
         print(f"nothing was written under {args.output_prefix}", file=sys.stderr)
         return 1
     counts = stats["conversations"]
-    split = f", {counts['added_by_split']} added by the reasoning split" if counts["added_by_split"] else ""
-    print(f"wrote {counts['written']} of {counts['read']} conversations ({stats['tokens']['total']} tokens, "
-          f"{stats['tokens']['supervised']} supervised; {counts['truncated']} truncated, "
-          f"{counts['dropped_overlong']} dropped as overlong, {counts['rejected']} rejected{split}) "
+    split = f"{counts['added_by_split']} added by the reasoning split, " if counts["added_by_split"] else ""
+    print(f"wrote {counts['written']} conversations from {counts['read']} read ({stats['tokens']['total']} tokens, "
+          f"{stats['tokens']['supervised']} supervised; {split}{counts['truncated']} truncated, "
+          f"{counts['dropped_overlong']} dropped as overlong, {counts['rejected']} rejected) "
           f"to {args.output_prefix}_*")
     print(json.dumps(stats["conversation_length"]))
     return 0
