@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which tokens are targets (see the README)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                         help="truncate at a turn boundary, or drop conversations longer than --seq-length")
-    parser.add_argument("--reasoning-history", choices=reasoning_history.POLICIES, default="keep",
+    parser.add_argument("--reasoning-history", choices=reasoning_history.POLICIES,
+                        default=reasoning_history.DEFAULT_REASONING_HISTORY,
                         help="keep every reply's reasoning, or split multi-turn reasoning conversations into one "
                              "sample per reasoning exchange, earlier replies without reasoning (as Qwen3 serves)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="fail",

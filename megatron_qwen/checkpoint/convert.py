@@ -21,6 +21,7 @@ from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen3, layo
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader, SafetensorsShardWriter
 from megatron_qwen.checkpoint.mapping import EMBEDDING, OUTPUT_LAYER, from_megatron, ignorable, to_megatron
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT
+from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model
 from megatron_qwen.models.presets import QwenConfig, from_hf_config
@@ -95,7 +96,7 @@ def template_settings(iteration_dir: Path, system_prompt: str | None, reasoning_
     trainer did not write, the preprocessing defaults."""
     recorded = layout.training_chat_settings(iteration_dir)
     if recorded is None:
-        recorded = {"system_prompts": [DEFAULT_SYSTEM_PROMPT], "reasoning_history": ["keep"]}
+        recorded = {"system_prompts": [DEFAULT_SYSTEM_PROMPT], "reasoning_history": [DEFAULT_REASONING_HISTORY]}
     if system_prompt is None:
         system_prompt = _the_one(recorded["system_prompts"], iteration_dir, "default system prompts",
                                  "--system-prompt ('' for none)")

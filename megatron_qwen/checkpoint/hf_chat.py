@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.data.tokenizer import ENDOFTEXT, IM_END
 from megatron_qwen.data.tool_calls import TOOLS_FOOTER, TOOLS_HEADER
 
@@ -28,7 +29,7 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text)
 
 
-def chat_template(system_prompt: str, reasoning_history: str = "keep") -> str:
+def chat_template(system_prompt: str, reasoning_history: str = DEFAULT_REASONING_HISTORY) -> str:
     """The template of ``with_system_prompt(messages, system_prompt, tools)`` rendered as ChatML, with
     reasoning, tool calls and tool results written as ``data.conversations`` writes them; with
     ``reasoning_history="split"``, the replies before the last user query as ``data.reasoning_history``

@@ -38,6 +38,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_qwen.checkpoint.mapping import EMBEDDING
+from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.models.presets import QwenConfig
 
 LATEST = "latest"
@@ -152,7 +153,7 @@ def training_chat_settings(iteration_dir: str | Path) -> dict | None:
     path = Path(iteration_dir) / CHAT_SETTINGS
     if not path.is_file():
         return None
-    return {"reasoning_history": ["keep"], **json.loads(path.read_text())}  # older files record no policy
+    return {"reasoning_history": [DEFAULT_REASONING_HISTORY], **json.loads(path.read_text())}  # older files have none
 
 
 def sha256_file(path: Path) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 from megatron_qwen.data import reasoning_history
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, turns_that_fit, with_system_prompt
 from megatron_qwen.data.conversations import ConversationError, parse_conversation
+from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -27,7 +28,7 @@ class EncodeSettings:
     seq_length: int = 2048
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     overlong: str = "truncate"
-    reasoning_history: str = "keep"
+    reasoning_history: str = DEFAULT_REASONING_HISTORY
 
     def __post_init__(self):
         if self.seq_length < 1:

@@ -18,6 +18,7 @@ from typing import Sequence
 from megatron_qwen.data.chatml import Message
 
 POLICIES = ("keep", "split")
+DEFAULT_REASONING_HISTORY = "keep"  # also what datasets and checkpoints from before the split option mean
 _THINK_END = "</think>"
 
 

@@ -9,6 +9,7 @@ exported chat template.
 from __future__ import annotations
 
 from megatron_qwen.data.dataset_files import read_stats, stats_path, text_prefix
+from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.training.conversations import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
@@ -93,4 +94,5 @@ def recorded_chat_settings(datasets: list[ConversationDataset]) -> dict | None:
     if not all("system_prompt" in provenance for provenance in provenances):
         return None
     return {"system_prompts": [provenance["system_prompt"] for provenance in provenances],
-            "reasoning_history": [provenance.get("reasoning_history", "keep") for provenance in provenances]}
+            "reasoning_history": [provenance.get("reasoning_history", DEFAULT_REASONING_HISTORY)
+                                  for provenance in provenances]}
