@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from megatron_qwen.data.chatml import Message
+from megatron_qwen.data.tool_calls import is_responses_text
 
 POLICIES = ("keep", "split")
 DEFAULT_REASONING_HISTORY = "keep"  # also what datasets and checkpoints from before the split option mean
@@ -51,7 +52,7 @@ def _sample_ends(messages: Sequence[Message]) -> list[int]:
 
 
 def _is_query(role: str, content: str) -> bool:
-    return role == "user" and not (content.startswith("<tool_response>") and content.endswith("</tool_response>"))
+    return role == "user" and not is_responses_text(content)
 
 
 def _as_context(message: Message) -> Message:

@@ -102,6 +102,14 @@ def _call_text(call, where: str) -> str:
     return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
+_RESPONSE_START, _RESPONSE_END = "<tool_response>", "</tool_response>"
+
+
 def responses_text(results: list[str]) -> str:
     """The user turn that carries consecutive tool results."""
-    return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
+    return "\n".join(f"{_RESPONSE_START}\n{result}\n{_RESPONSE_END}" for result in results)
+
+
+def is_responses_text(content: str) -> bool:
+    """Whether a user turn's text is tool results rather than a query (Qwen3's template tells them apart so)."""
+    return content.startswith(_RESPONSE_START) and content.endswith(_RESPONSE_END)
