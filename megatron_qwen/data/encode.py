@@ -61,7 +61,7 @@ class BatchSummary:
     rows: int  # conversations read
     lengths: np.ndarray  # int64, tokens per written conversation
     supervised_tokens: int = 0
-    split: int = 0  # conversations added by reasoning_history="split"
+    added_by_split: int = 0  # conversations beyond one per row, from reasoning_history="split"
     truncated: int = 0
     dropped_overlong: int = 0
     rejects: list[Reject] = field(default_factory=list)
@@ -88,7 +88,7 @@ class ConversationEncoder:
         contents: list = []
         turn_counts: list[int] = []
         rejects: list[Reject] = []
-        split = 0
+        added_by_split = 0
         for row in rows:
             try:
                 conversation = parse_conversation(row.data)
@@ -97,7 +97,7 @@ class ConversationEncoder:
                 continue
             messages = with_system_prompt(conversation.messages, self.settings.system_prompt, conversation.tools)
             made = reasoning_history.samples(messages) if self.settings.reasoning_history == "split" else (messages,)
-            split += len(made) - 1
+            added_by_split += len(made) - 1
             turn_counts += [self.renderer.tokenize(sample, roles, contents) for sample in made]
         content_lengths = self.renderer.content_lengths(contents)
         role_indices = np.array(roles, dtype=np.int64)
@@ -108,8 +108,8 @@ class ConversationEncoder:
             role_indices, content_lengths = role_indices[fitted.kept_turns], content_lengths[fitted.kept_turns]
         mask = self.renderer.mask(role_indices, content_lengths)
         summary = BatchSummary(rows=len(rows), lengths=fitted.lengths, supervised_tokens=int(np.count_nonzero(mask)),
-                               split=split, truncated=fitted.truncated, dropped_overlong=fitted.dropped,
-                               rejects=rejects)
+                               added_by_split=added_by_split, truncated=fitted.truncated,
+                               dropped_overlong=fitted.dropped, rejects=rejects)
         return EncodedBatch(self.renderer.ids(roles, contents), mask, summary)
 
     def _fit(self, roles: np.ndarray, turn_counts: list[int], turn_lengths: np.ndarray) -> _Fitted:

@@ -15,7 +15,7 @@ class DatasetStats:
         self.read = 0
         self.written = 0
         self.rejected = 0
-        self.split = 0
+        self.added_by_split = 0
         self.dropped_overlong = 0
         self.truncated = 0
         self.tokens = 0
@@ -26,7 +26,7 @@ class DatasetStats:
         self.read += batch.rows
         self.written += len(batch.lengths)
         self.rejected += len(batch.rejects)
-        self.split += batch.split
+        self.added_by_split += batch.added_by_split
         self.dropped_overlong += batch.dropped_overlong
         self.truncated += batch.truncated
         self.tokens += int(batch.lengths.sum())
@@ -47,7 +47,7 @@ class DatasetStats:
                        "max": int(present[-1])}
         return {
             "conversations": {"read": self.read, "written": self.written, "rejected": self.rejected,
-                              "added_by_split": self.split, "dropped_overlong": self.dropped_overlong,
+                              "added_by_split": self.added_by_split, "dropped_overlong": self.dropped_overlong,
                               "truncated": self.truncated},
             "tokens": {"total": self.tokens, "supervised": self.supervised_tokens},
             "conversation_length": lengths,
