@@ -14,7 +14,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from data_fixtures import REPO, SAMPLES, chat, write_jsonl
+from data_fixtures import REPO, SAMPLES, chat, dataset_contents, write_jsonl
 from megatron_qwen.data.preprocess import InputError, PreprocessJob, run
 
 GOOD = chat(("user", "Hi"), ("assistant", "Hello!"))
@@ -66,11 +66,6 @@ def consecutive_parquet_files(folder, rows) -> list:
     return [write_parquet(folder / f"part{number}.parquet", group) for number, group in enumerate(groups)]
 
 
-def dataset_bytes(prefix):
-    return [(prefix.parent / f"{prefix.name}_{kind}_document.{ext}").read_bytes()
-            for kind in ("text", "loss_mask") for ext in ("bin", "idx")]
-
-
 def test_parquet_files_give_the_dataset_of_the_same_rows_as_json_lines(tmp_path):
     jsonl_rows = [json.loads(line) for path in [*SAMPLES, REPO / "examples" / "data" / "chat_tools.jsonl"]
                   for line in path.read_text(encoding="utf-8").splitlines()]
@@ -83,7 +78,7 @@ def test_parquet_files_give_the_dataset_of_the_same_rows_as_json_lines(tmp_path)
 
     from_parquet = run(job(parquet, tmp_path / "parquet"))
     from_jsonl = run(job([reference], tmp_path / "jsonl"))
-    assert dataset_bytes(tmp_path / "parquet") == dataset_bytes(tmp_path / "jsonl")
+    assert dataset_contents(tmp_path / "parquet") == dataset_contents(tmp_path / "jsonl")
     assert from_parquet["conversations"]["written"] == len(rows)
     different = {"inputs": None, "files": None}  # the paths
     assert {**from_parquet, **different} == {**from_jsonl, **different}

@@ -67,6 +67,12 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+def dataset_contents(prefix: Path) -> list[bytes]:
+    """The bytes of the four data files of the dataset at ``prefix`` (a missing one raises)."""
+    return [(prefix.parent / f"{prefix.name}_{kind}_document.{ext}").read_bytes()
+            for kind in ("text", "loss_mask") for ext in ("bin", "idx")]
+
+
 def chat(*turns) -> dict:
     """An OpenAI-style row from (role, content) pairs."""
     return {"messages": [{"role": role, "content": content} for role, content in turns]}
