@@ -62,7 +62,9 @@ def records(tmp_path_factory):
         for name, settings in {**PAD_RUNS, **PADFREE_RUNS}.items()
     ]
     plan += [entry(name, str(data / "plain"), settings) for name, settings in PACK_RUNS.items()]
-    plan.append(entry("dp4_sampled_validation", str(data / "plain"), {**validated, "eval_conversations": 2}))
+    # 0.4 epochs of the 38 training conversations (48, 10 held out) are 16 draws: 2 updates, whatever --train-steps
+    sampled = {**validated, "eval_conversations": 2, "train_epochs": 0.4, "train_steps": 5}
+    plan.append(entry("dp4_sampled_validation", str(data / "plain"), sampled))
     blend = [str(data / "half_a"), str(data / "half_b")]
     plan += [entry(name, blend, {**settings, "data_weights": [1, 3]}) for name, settings in BLEND_RUNS.items()]
     ended = run_plan(run_torchrun, 4, plan, work)
@@ -116,6 +118,12 @@ def test_two_dataset_blending_gives_the_same_loss_at_tp2_pp2(records):
     assert_same_steps(records, "blend_tp2_pp2", "blend_dp4")
 
 
+def test_each_update_records_the_epochs_drawn_of_each_dataset(records):
+    # weights 1:3 over 20 and 28 conversations: 2 and 6 of each update's 8
+    assert [r["epochs"] for r in updates(records, "blend_dp4")] == [[2 / 20, 6 / 28], [4 / 20, 12 / 28]]
+    assert [r["epochs"] for r in updates(records, "dp4_sampled_validation")] == [[8 / 38], [16 / 38]]
+
+
 def test_validation_loss_is_logged_and_layout_independent(records):
     reference = [r["validation_loss"] for r in records["dp4_mbs1"] if "validation_loss" in r]
     assert len(reference) == 2 and all(0 < loss < 10 for loss in reference)
@@ -125,7 +133,7 @@ def test_validation_loss_is_logged_and_layout_independent(records):
 
 
 def test_validation_can_run_on_a_sample_of_the_held_out_conversations(records):
-    assert_same_steps(records, "dp4_sampled_validation", "dp4_mbs1")
+    assert_same_steps(records, "dp4_sampled_validation", "dp4_mbs1")  # --train-epochs 0.4: 2 updates, not 5
     reference = [r["validation_loss"] for r in records["dp4_mbs1"] if "validation_loss" in r]
     sampled = [r["validation_loss"] for r in records["dp4_sampled_validation"] if "validation_loss" in r]
     assert len(sampled) == 2

@@ -40,6 +40,8 @@ def runs(tmp_path_factory):
         entry("preset_mismatch", preset="tiny"),
         entry("wrong_tokenizer", dataset="wrong_tokenizer"),
         entry("big_ids", dataset="big_ids"),
+        # pairs: 24 conversations, 6 per update: 2 epochs are 8 updates, too few for a warmup of 8
+        entry("warmup_longer_than_epochs", train_epochs=2, warmup_steps=8),
     ]
     ended = run_plan(run_torchrun, 3, plan, work)
     return ended, {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan[:2]}
@@ -79,6 +81,8 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
         ("preset_mismatch", "CheckpointError", "holds another model than --preset tiny (num_layers: checkpoint 6, --preset 4; vocab_size: checkpoint 1024, --preset 151936)"),
         ("wrong_tokenizer", "DatasetMismatchError", "wrong_tokenizer_stats.json: tokenized with a different tokenizer"),
         ("big_ids", "DatasetMismatchError", "token id 5000 has no row in the model's embedding (1024 rows)"),
+        ("warmup_longer_than_epochs", "ValueError",
+         "--warmup-steps 8: must be below the run's 8 updates (--train-epochs 2.0 of 24 training conversations)"),
     ],
 )
 def test_unusable_inputs_stop_with_their_message(runs, name, error, message):

@@ -184,6 +184,25 @@ def test_shuffling_is_deterministic_per_seed_and_differs_per_epoch(dataset):
     assert epoch0 != list(range(n))
 
 
+@pytest.mark.parametrize("mode", ["pad", "padfree", "pack"])
+@pytest.mark.parametrize("epochs", [0.5, 1, 2.3])
+def test_a_run_of_n_epochs_is_the_fewest_updates_whose_draws_reach_them(tmp_path, mode, epochs):
+    prefixes = [
+        write_dataset(tmp_path / f"d{i}", random_conversations(size, seed=i, base=100 * i)) for i, size in enumerate([9, 21])
+    ]
+    samples = SFTSamples(prefixes, weights=[1, 2], valid_fraction=0.1, mode=mode, seq_length=SEQ, seed=5)
+    assert [len(ids) for ids in samples.train_ids] == [8, 19]  # 1 and 2 held out
+    updates = samples.updates_for_epochs(epochs, global_batch_size=4)
+    if mode != "pack":
+        assert updates == -(-round(epochs * 27 * 10) // 40)  # ceil(epochs x 27 / 4 conversations per update)
+    drawn = []
+    for _ in range(updates):
+        rows = samples.next_global_batch(4)
+        drawn.append(sum(len(row) for row in rows))
+    assert sum(drawn) >= epochs * 27 > sum(drawn[:-1])
+    assert samples.epochs() == pytest.approx([d / t for d, t in zip(samples.sampler.drawn, [8, 19])])
+
+
 # padfree: 6 conversations per update in rows rounded up to a multiple of 4 (2 ranks x 2-row micro-batches)
 @pytest.mark.parametrize("mode,rows,multiple", [("pad", 4, 1), ("pack", 4, 1), ("pack", 8, 1), ("padfree", 6, 4)])
 def test_resumed_data_position_reproduces_the_following_batches(dataset, mode, rows, multiple):

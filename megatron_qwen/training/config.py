@@ -78,7 +78,10 @@ class DataSettings:
 
 @dataclasses.dataclass
 class TrainingSettings:
-    train_steps: int = setting(4000, "optimizer updates")
+    train_steps: int = setting(4000, "optimizer updates (not used with --train-epochs)")
+    train_epochs: Optional[float] = setting(
+        None, "run length in passes over the training conversations: the fewest updates that draw this many"
+    )
     global_batch_size: int = setting(128, "conversations per update (--rows pad, padfree) or rows (--rows pack)")
     micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
     seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
@@ -184,8 +187,13 @@ def _problems(config: RunConfig):
     yield data.rows != "padfree" and training.global_batch_size % training.micro_batch_size and (
         f"{training.global_batch_size} is not a multiple of --micro-batch-size {training.micro_batch_size}"
     ), "global_batch_size"
-    yield not 0 <= config.optimizer.warmup_steps < training.train_steps and (
-        f"must be in [0, --train-steps={training.train_steps})"
+    yield training.train_epochs is not None and training.train_epochs <= 0 and (
+        f"must be above 0, got {training.train_epochs}"
+    ), "train_epochs"
+    yield config.optimizer.warmup_steps < 0 and f"must be at least 0, got {config.optimizer.warmup_steps}", "warmup_steps"
+    # with --train-epochs the run's length is known only once the data is read (Trainer.run_length)
+    yield training.train_epochs is None and config.optimizer.warmup_steps >= training.train_steps and (
+        f"must be below --train-steps {training.train_steps}"
     ), "warmup_steps"
 
 

@@ -40,9 +40,10 @@ class Reporter:
             self.tensorboard = SummaryWriter(output_dir)
         self._interval = []
 
-    def step(self, iteration: int, result, seconds: float) -> None:
-        """Records update ``iteration``; prints a line every ``log_interval`` updates."""
-        record = {"iteration": iteration, **vars(result), "seconds": seconds}
+    def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:
+        """Records update ``iteration``, after which ``epochs`` of each dataset have been drawn; prints a line every
+        ``log_interval`` updates."""
+        record = {"iteration": iteration, **vars(result), "seconds": seconds, "epochs": epochs}
         self._interval.append(record)
         if self.records is not None:
             self.records.write(json.dumps(record) + "\n")
@@ -72,8 +73,11 @@ class Reporter:
             "mfu": flops.mfu(step_flops, seconds, self.world_size),
             "peak_memory_gib": peak_memory_gib(),
         }
+        epochs = records[-1]["epochs"]
+        values.update({"epoch": epochs[0]} if len(epochs) == 1 else {f"epoch/{i}": e for i, e in enumerate(epochs)})
         self.print(
-            f"iteration {iteration} | loss {values['loss']:.6f} | lr {values['lr']:.4e} | "
+            f"iteration {iteration} | epoch {'/'.join(f'{epoch:.3f}' for epoch in epochs)} | "
+            f"loss {values['loss']:.6f} | lr {values['lr']:.4e} | "
             f"grad norm {values['grad_norm']:.4f} | skipped {values['skipped']} | nan {values['nan']} | "
             f"conversations {values['conversations_per_step']} | rows {values['rows_per_step']} | "
             f"supervised tokens {values['supervised_tokens_per_step']} | "

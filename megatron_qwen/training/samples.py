@@ -12,6 +12,8 @@ restoring it into different settings is refused.
 """
 from __future__ import annotations
 
+import math
+
 from megatron_qwen.training.conversations import ConversationDataset
 from megatron_qwen.training.dataset_check import check_datasets, recorded_chat_settings
 from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
@@ -112,7 +114,28 @@ class SFTSamples:
         return collate(self.mode, rows, self.datasets, self.seq_length, self.pad_token_id)
 
     def epochs(self) -> list[float]:
+        """Passes over each dataset's training conversations so far."""
         return self.sampler.epochs()
+
+    def num_train_conversations(self) -> int:
+        return sum(len(ids) for ids in self.train_ids)
+
+    def updates_for_epochs(self, epochs: float, global_batch_size: int) -> int:
+        """The fewest updates from the start of the stream that draw ``epochs`` x the training conversations (with
+        the default blending weights, by size, that many epochs of every dataset).
+        ``pad`` and ``padfree`` draw ``global_batch_size`` per update; ``pack`` draws what its rows hold, so the
+        packing of a fresh stream is planned (index lengths only, the same plan every rank and every resume makes)."""
+        if epochs <= 0:
+            raise ValueError(f"epochs must be above 0, got {epochs}")
+        conversations = math.ceil(round(epochs * self.num_train_conversations(), 9))  # 0.1 x 30 is 3, not 4
+        if self.mode != "pack":
+            return math.ceil(conversations / global_batch_size)
+        stream = ConversationSampler(self.train_ids, self.weights, self.sampler.seed)
+        updates = 0
+        while sum(stream.drawn) < conversations:
+            next_rows(self.mode, global_batch_size, stream.peek, stream.take, self.datasets, self.seq_length)
+            updates += 1
+        return updates
 
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "global_batches": self.global_batches, **self.sampler.state_dict()}

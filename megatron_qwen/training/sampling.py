@@ -61,10 +61,12 @@ class ConversationSampler:
 
     def __init__(self, train_ids: list[np.ndarray], weights: np.ndarray, seed: int):
         self.train_ids = train_ids
-        self.weights = weights
+        # Python floats: the same IEEE arithmetic as numpy's, without its per-call cost on a few elements
+        self.weights = [float(weight) for weight in weights]
         self.seed = seed
         self.drawn = [0] * len(train_ids)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
+        self._next: tuple[int, int] | None = None  # peek's answer until the next take
 
     def _order(self, dataset: int, epoch: int) -> np.ndarray:
         cached = self._orders.get(dataset)
@@ -76,18 +78,21 @@ class ConversationSampler:
 
     def _next_dataset(self) -> int:
         total = sum(self.drawn) + 1
-        deficits = self.weights * total - np.asarray(self.drawn, dtype=np.float64)
-        return int(np.argmax(deficits))
+        deficits = [weight * total - drawn for weight, drawn in zip(self.weights, self.drawn)]
+        return deficits.index(max(deficits))  # the first of equal maxima, as numpy's argmax
 
     def peek(self) -> tuple[int, int]:
         """The next ``(dataset, conversation id)`` without consuming it."""
-        dataset = self._next_dataset()
-        epoch, index = divmod(self.drawn[dataset], len(self.train_ids[dataset]))
-        return dataset, int(self._order(dataset, epoch)[index])
+        if self._next is None:
+            dataset = self._next_dataset()
+            epoch, index = divmod(self.drawn[dataset], len(self.train_ids[dataset]))
+            self._next = dataset, int(self._order(dataset, epoch)[index])
+        return self._next
 
     def take(self) -> tuple[int, int]:
         item = self.peek()
         self.drawn[item[0]] += 1
+        self._next = None
         return item
 
     def epochs(self) -> list[float]:
@@ -102,3 +107,4 @@ class ConversationSampler:
         if len(drawn) != len(self.train_ids):
             raise ValueError(f"data position is for {len(drawn)} dataset(s), this run has {len(self.train_ids)}")
         self.drawn = drawn
+        self._next = None

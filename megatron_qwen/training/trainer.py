@@ -5,7 +5,7 @@ pretrained weights if any, and only then handed to the optimizer (whose float32 
 the weights at that moment); a resume then overwrites model, optimizer, RNG states, schedule and data
 position from the checkpoint.
 
-The loop stops (1) after ``train_steps`` updates, saving a last checkpoint; (2) on SIGTERM/SIGUSR1, saving at
+The loop stops (1) after ``run_length()`` updates, saving a last checkpoint; (2) on SIGTERM/SIGUSR1, saving at
 the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm, without saving, with
 ``TrainingDiverged``.
 """
@@ -135,6 +135,7 @@ class Trainer:
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
         self.chat_settings = self.samples.chat_settings()
+        self.train_steps = self.run_length()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
         self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
@@ -144,7 +145,7 @@ class Trainer:
         )
         opt = config.optimizer
         self.scheduler = build_scheduler(
-            self.optimizer, opt.lr, opt.min_lr, opt.warmup_steps, training.train_steps, opt.lr_decay_style,
+            self.optimizer, opt.lr, opt.min_lr, opt.warmup_steps, self.train_steps, opt.lr_decay_style,
             opt.weight_decay,
         )
         self.iteration = 0
@@ -163,7 +164,37 @@ class Trainer:
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
-            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.validation_plan()}"
+            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.length_plan()}; "
+            f"{self.validation_plan()}"
+        )
+
+    def run_length(self) -> int:
+        """Updates of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that draw that many
+        passes over the training conversations (the same number at every resume: it is planned from the start)."""
+        training, warmup = self.config.training, self.config.optimizer.warmup_steps
+        if training.train_epochs is None:
+            return training.train_steps
+        steps = self.samples.updates_for_epochs(training.train_epochs, training.global_batch_size)
+        if warmup >= steps:
+            raise ValueError(
+                f"--warmup-steps {warmup}: must be below the run's {steps} updates (--train-epochs "
+                f"{training.train_epochs} of {self.samples.num_train_conversations()} training conversations)"
+            )
+        return steps
+
+    def length_plan(self) -> str:
+        """The run's length for the start line, in updates and epochs: a recipe written for a large dataset may
+        mean many passes over a small one."""
+        training = self.config.training
+        conversations = self.samples.num_train_conversations()
+        if self.config.data.rows != "pack":
+            epochs = self.train_steps * training.global_batch_size / conversations
+            return f"{self.train_steps} updates, {epochs:.2f} epochs of {conversations} training conversations"
+        if training.train_epochs is None:
+            return f"{self.train_steps} updates of packed rows over {conversations} training conversations"
+        return (
+            f"{self.train_steps} updates of packed rows, the fewest that draw {training.train_epochs} epochs of "
+            f"{conversations} training conversations"
         )
 
     def validation_plan(self) -> str:
@@ -219,7 +250,7 @@ class Trainer:
         """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
         training, checkpoint = self.config.training, self.config.checkpoint
         stop = StopRequest(device())
-        while self.iteration < training.train_steps:
+        while self.iteration < self.train_steps:
             rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
             micro_batches = self._micro_batches(rows)
             self.iteration += 1
@@ -228,7 +259,7 @@ class Trainer:
                 self.chunks, self.optimizer, self.scheduler, micro_batches, self.shape, self.iteration,
                 self.samples.counts(rows),
             )
-            self.reporter.step(self.iteration, result, time.perf_counter() - started)
+            self.reporter.step(self.iteration, result, time.perf_counter() - started, self.samples.epochs())
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 raise TrainingDiverged(
                     f"iteration {self.iteration}: loss {result.loss}, gradient norm {result.grad_norm}; stopping "
@@ -243,7 +274,7 @@ class Trainer:
             if training.eval_interval and self.iteration % training.eval_interval == 0:
                 self.validate()
             if checkpoint.save_dir and (
-                self.iteration % checkpoint.save_interval == 0 or self.iteration == training.train_steps
+                self.iteration % checkpoint.save_interval == 0 or self.iteration == self.train_steps
             ):
                 self.save()
         return "done"
