@@ -63,8 +63,11 @@ def records(tmp_path_factory):
     ]
     plan += [entry(name, str(data / "plain"), settings) for name, settings in PACK_RUNS.items()]
     # 0.4 epochs of the 38 training conversations (48, 10 held out) are 16 draws: 2 updates, whatever --train-steps
-    sampled = {**validated, "eval_conversations": 2, "train_epochs": 0.4, "train_steps": 5}
+    # and eval_interval 5: the only validation is the one after the last update
+    sampled = {**validated, "eval_conversations": 2, "train_epochs": 0.4, "train_steps": 5, "eval_interval": 5}
     plan.append(entry("dp4_sampled_validation", str(data / "plain"), sampled))
+    validation_sets = [str(data / "plain_held_out"), str(data / "half_a")]
+    plan.append(entry("dp4_validation_sets", str(data / "plain"), {**validated, "valid_data_path": validation_sets}))
     blend = [str(data / "half_a"), str(data / "half_b")]
     plan += [entry(name, blend, {**settings, "data_weights": [1, 3]}) for name, settings in BLEND_RUNS.items()]
     ended = run_plan(run_torchrun, 4, plan, work)
@@ -135,9 +138,21 @@ def test_validation_loss_is_logged_and_layout_independent(records):
 def test_validation_can_run_on_a_sample_of_the_held_out_conversations(records):
     assert_same_steps(records, "dp4_sampled_validation", "dp4_mbs1")  # --train-epochs 0.4: 2 updates, not 5
     reference = [r["validation_loss"] for r in records["dp4_mbs1"] if "validation_loss" in r]
-    sampled = [r["validation_loss"] for r in records["dp4_sampled_validation"] if "validation_loss" in r]
-    assert len(sampled) == 2
-    assert all(abs(a - b) > 1e-3 for a, b in zip(sampled, reference))  # 2 of the 10 held out
+    sampled = [r for r in records["dp4_sampled_validation"] if "validation_loss" in r]
+    assert [r["iteration"] for r in sampled] == [2]  # the last update, though no multiple of --eval-interval 5
+    assert abs(sampled[0]["validation_loss"] - reference[1]) > 1e-3  # 2 of the 10 held out
+
+
+def test_each_validation_only_dataset_gets_a_loss_of_its_own(records):
+    assert_same_steps(records, "dp4_validation_sets", "dp4_mbs1")  # they do not change the training stream
+    reference = [r["validation_loss"] for r in records["dp4_mbs1"] if "validation_loss" in r]
+    found = [r for r in records["dp4_validation_sets"] if "validation_loss" in r]
+    keys = ["iteration", "validation_loss", "validation_loss/half_a", "validation_loss/plain_held_out"]
+    assert [sorted(record) for record in found] == [keys, keys]
+    assert [r["validation_loss"] for r in found] == pytest.approx(reference, rel=1e-5)
+    # the held-out conversations written as a dataset of their own give the held-out loss
+    assert [r["validation_loss/plain_held_out"] for r in found] == pytest.approx(reference, rel=1e-5)
+    assert all(abs(r["validation_loss/half_a"] - r["validation_loss"]) > 1e-3 for r in found)
 
 
 def test_learning_rate_follows_the_warmup(records):

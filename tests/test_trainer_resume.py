@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
     plan = []
     for rows in ROWS:
         plan += [
-            run(rows, "full", dropout=0.1),
+            # saves by the clock after every update (keep_last 2): saving must not change the updates either
+            run(rows, "full", dropout=0.1, save_interval_minutes=1e-6),
             run(rows, "stopped", env={SIGTERM_AT: 3}, dropout=0.1),
             run(rows, "resumed", save_dir="stopped", dropout=0.1),
             run(rows, "full_no_dropout"),
@@ -137,6 +138,8 @@ def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
     results, work = mode
     # keep_last 2: the stopped run saved 3, then 6 on resume
     assert layout.list_iterations(work / "stopped") == [3, 6]
+    # --save-interval-minutes: the full run saved after every update, not only at the end
+    assert layout.list_iterations(work / "full") == [5, 6]
     from megatron_qwen.checkpoint.convert import mcore_to_hf
 
     exported = mcore_to_hf(work / "stopped", tmp_path / "hf")

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_qwen.training.conversations import ConversationDataset
 from megatron_qwen.training.rows import batches_from_list
-from megatron_qwen.training.samples import SFTSamples
+from megatron_qwen.training.samples import HELD_OUT, SFTSamples
 from workers import trainer_common
 
 SHA = "ab" * 32
@@ -147,7 +147,7 @@ def test_best_fit_fills_rows_better_than_one_row_at_a_time(random_lengths):
 def test_validation_batches_hold_every_conversation_once(random_lengths):
     prefix, positions = random_lengths
     samples = SFTSamples([prefix], valid_fraction=0.25, mode="pack", seq_length=64, seed=5)
-    batches = samples.validation_batches(global_batch_size=8)
+    batches = samples.validation_batches(global_batch_size=8)[HELD_OUT]
     valid = [conversation for _, conversation in samples.valid_items]
     assert len(valid) == 100 and len(batches) > 1
     assert all(len(rows) == 8 for rows in batches)

@@ -14,7 +14,7 @@ from conftest import run_torchrun
 
 from megatron_qwen.data.dataset_files import DatasetFilesError
 from megatron_qwen.training.dataset_check import DatasetMismatchError
-from megatron_qwen.training.samples import SFTSamples
+from megatron_qwen.training.samples import HELD_OUT, SFTSamples
 from workers import trainer_common
 
 SEQ = 16
@@ -268,7 +268,7 @@ def test_validation_split_is_disjoint_and_covered_once(dataset):
     assert set(samples.train_ids[0].tolist()) == set(range(40)) - valid
     trained = {c for _ in range(10) for row in samples.next_global_batch(8) for _, c in row}
     assert trained.isdisjoint(valid) and trained == set(range(40)) - valid
-    batches = samples.validation_batches(global_batch_size=3)
+    batches = samples.validation_batches(global_batch_size=3)[HELD_OUT]
     assert all(len(batch) == 3 for batch in batches)
     assert sorted(c for batch in batches for row in batch for _, c in row) == sorted(valid)
     # The seed does not move the validation set.
@@ -294,7 +294,7 @@ def test_validation_runs_on_a_fixed_uniform_sample_of_the_held_out_conversations
     # the same sample whatever the run's seed, rows or batch size; validation covers each of it once
     again = SFTSamples(prefixes, valid_fraction=0.5, mode="padfree", seq_length=SEQ, seed=99, eval_conversations=40)
     assert again.valid_items == sampled.valid_items
-    covered = [item for batch in again.validation_batches(global_batch_size=16) for row in batch for item in row]
+    covered = [item for batch in again.validation_batches(global_batch_size=16)[HELD_OUT] for row in batch for item in row]
     assert sorted(covered) == sampled.valid_items
     # a limit above the held-out count keeps them all
     assert SFTSamples(prefixes, valid_fraction=0.5, mode="pad", seq_length=SEQ, eval_conversations=500).valid_items \
@@ -374,3 +374,30 @@ def test_chat_settings_come_from_each_datasets_provenance(tmp_path):
     assert samples.chat_settings() == {"system_prompts": ["Be brief.", ""], "reasoning_history": ["split", "keep"]}
     unrecorded = write_dataset(tmp_path / "c", random_conversations(4, seed=0))
     assert SFTSamples([prefixes[0], unrecorded], mode="pad", seq_length=SEQ, seed=0).chat_settings() is None
+
+
+def test_validation_only_datasets_are_named_sets_outside_the_stream(tmp_path):
+    train = write_dataset(tmp_path / "train", random_conversations(30, seed=1))
+    written = {"eval_math": random_conversations(7, seed=2, base=100)}
+    prefixes = [write_dataset(tmp_path / "eval_math", written["eval_math"])]
+    for folder in ("a", "b"):  # two datasets both called chat
+        (tmp_path / folder).mkdir()
+        prefixes.append(write_dataset(tmp_path / folder / "chat", random_conversations(5, seed=3, base=200)))
+        written[prefixes[-1]] = random_conversations(5, seed=3, base=200)
+    samples = SFTSamples([train], valid_fraction=0.1, mode="pad", seq_length=SEQ, seed=4, valid_prefixes=prefixes)
+    assert list(samples.valid_sets) == [HELD_OUT, "eval_math", *prefixes[1:]]  # ambiguous names: the whole PREFIX
+    batches = samples.validation_batches(global_batch_size=4)
+    for index, name in enumerate(written, start=1):
+        covered = sorted(item for batch in batches[name] for row in batch for item in row)
+        assert covered == [(index, conversation) for conversation in range(len(written[name]))]  # each once
+        tokens, _ = written[name][2]
+        assert samples.collate([((index, 2),)]).tokens[0, : len(tokens) - 1].tolist() == tokens[:-1]
+    # never drawn for training: the stream and its fingerprint are those of a run without them
+    alone = SFTSamples([train], valid_fraction=0.1, mode="pad", seq_length=SEQ, seed=4)
+    assert [samples.next_global_batch(8) for _ in range(5)] == [alone.next_global_batch(8) for _ in range(5)]
+    alone.load_state_dict(samples.state_dict())
+    # --eval-conversations samples each set
+    sampled = SFTSamples([train], valid_fraction=0.1, mode="pad", seq_length=SEQ, valid_prefixes=prefixes[:1],
+                         eval_conversations=3)
+    assert [len(items) for items in sampled.valid_sets.values()] == [3, 3]
+    assert set(sampled.valid_sets["eval_math"]) < set(samples.valid_sets["eval_math"])

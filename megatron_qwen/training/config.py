@@ -66,6 +66,7 @@ class DataSettings:
     data_path: list[str] = setting([], "dataset PREFIX(es) written by tools/preprocess_chatml.py")
     data_weights: Optional[list[float]] = setting(None, "blending weights, one per PREFIX (default: by size)")
     valid_fraction: float = setting(0.01, "fraction of each dataset's conversations held out for validation")
+    valid_data_path: list[str] = setting([], "datasets for validation only, each reported as a loss of its own")
     rows: Literal["pad", "pack", "padfree"] = setting(
         "padfree",
         "pad: one conversation per row; pack: rows packed best-fit from the stream; padfree: pad's conversations "
@@ -85,9 +86,10 @@ class TrainingSettings:
     global_batch_size: int = setting(128, "conversations per update (--rows pad, padfree) or rows (--rows pack)")
     micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
     seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
-    eval_interval: int = setting(200, "updates between validation losses (0: never)")
+    eval_interval: int = setting(200, "updates between validation losses, and one after the last update (0: never)")
     eval_conversations: Optional[int] = setting(
-        1024, "held-out conversations a validation runs on: the same random sample of this many each time (none: all)"
+        1024,
+        "conversations of each validation set a validation runs on: the same random sample each time (none: all)",
     )
     log_interval: int = setting(1, "updates between log lines")
     tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
@@ -98,6 +100,9 @@ class CheckpointSettings:
     pretrained_checkpoint: Optional[str] = setting(None, "converter output to start from (finetune semantics)")
     save_dir: Optional[str] = setting(None, "where checkpoints go; a run resumes from the latest one there")
     save_interval: int = setting(500, "updates between checkpoints (and one at the end)")
+    save_interval_minutes: Optional[float] = setting(
+        None, "also save at the first update this many minutes after the last save (or the start)"
+    )
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
 
 
@@ -166,6 +171,8 @@ def _problems(config: RunConfig):
         "no preset and no checkpoint to read the model from"
     ), "preset"
     yield not 0.0 <= model.dropout < 1.0 and f"must be in [0, 1), got {model.dropout}", "dropout"
+    minutes = config.checkpoint.save_interval_minutes
+    yield minutes is not None and minutes <= 0 and f"must be above 0, got {minutes}", "save_interval_minutes"
     yield parallel.distributed_timeout_minutes <= 0 and (
         f"must be above 0, got {parallel.distributed_timeout_minutes}"
     ), "distributed_timeout_minutes"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_qwen.training import flops
+from megatron_qwen.training.samples import HELD_OUT
 
 
 def peak_memory_gib() -> float:
@@ -88,12 +89,18 @@ class Reporter:
         )
         self.scalars(iteration, values)
 
-    def validation(self, iteration: int, loss: float) -> None:
-        self.print(f"iteration {iteration} | validation loss {loss:.6f}")
+    def validation(self, iteration: int, losses: dict[str, float]) -> None:
+        """One record of the losses of every validation set: ``validation_loss`` for the held-out conversations,
+        ``validation_loss/NAME`` for each validation-only dataset."""
+        values, text = {}, [f"iteration {iteration}"]
+        for name, loss in losses.items():
+            values["validation_loss" if name == HELD_OUT else f"validation_loss/{name}"] = loss
+            text.append(f"validation loss {loss:.6f}" if name == HELD_OUT else f"validation loss {name} {loss:.6f}")
+        self.print(" | ".join(text))
         if self.records is not None:
-            self.records.write(json.dumps({"iteration": iteration, "validation_loss": loss}) + "\n")
+            self.records.write(json.dumps({"iteration": iteration, **values}) + "\n")
             self.records.flush()
-        self.scalars(iteration, {"validation_loss": loss})
+        self.scalars(iteration, values)
 
     def scalars(self, iteration: int, values: dict) -> None:
         if self.tensorboard is not None:

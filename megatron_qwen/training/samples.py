@@ -9,16 +9,34 @@ conversation that fits in no row is left for the next batch), so the data positi
 sampler's per-dataset draw counts after the last global batch plus a fingerprint of everything that decides
 the stream; restoring it in a run with the same data settings reproduces the following batches exactly, and
 restoring it into different settings is refused.
+
+Validation runs on named sets, each reported as a loss of its own: ``HELD_OUT``, the conversations split off the
+training datasets (``valid_fraction``), and each validation-only dataset (``valid_prefixes``), whole or a fixed
+sample of ``eval_conversations``. Validation-only datasets never enter the stream or its fingerprint, so a run
+may add or drop them at a resume.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from megatron_qwen.training.conversations import ConversationDataset
 from megatron_qwen.training.dataset_check import check_datasets, recorded_chat_settings
 from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
 from megatron_qwen.training.sampling import (ConversationSampler, normalized_weights, split_conversations,
                                              validation_sample)
+
+
+HELD_OUT = "held-out"  # the validation set of conversations split off the training datasets
+
+
+def validation_set_names(prefixes: list[str]) -> list[str]:
+    """What the log calls each ``--valid-data-path`` dataset: its file name, or the whole PREFIX where that is
+    ambiguous."""
+    names = [Path(prefix).name for prefix in prefixes]
+    return [
+        name if names.count(name) == 1 and name != HELD_OUT else prefix for name, prefix in zip(names, prefixes)
+    ]
 
 
 class SFTSamples:
@@ -32,6 +50,7 @@ class SFTSamples:
         seed: int = 1234,
         pad_token_id: int = 151643,
         eval_conversations: int | None = None,
+        valid_prefixes: list[str] = (),
     ):
         if mode not in MODES:
             raise ValueError(f"row mode must be one of {MODES}, got {mode!r}")
@@ -40,17 +59,23 @@ class SFTSamples:
         self.mode = mode
         self.seq_length = seq_length
         self.pad_token_id = pad_token_id
-        self.datasets = [ConversationDataset(prefix) for prefix in prefixes]
-        splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in self.datasets]
+        # training datasets first; a row's (dataset, conversation) indexes this list whatever set it comes from
+        self.datasets = [ConversationDataset(prefix) for prefix in [*prefixes, *valid_prefixes]]
+        training = self.datasets[: len(prefixes)]
+        splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in training]
         self.train_ids = [train for train, _ in splits]
         held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
         self.valid_items = validation_sample(held_out, eval_conversations)
+        self.valid_sets = {HELD_OUT: self.valid_items} if self.valid_items else {}
+        for index, name in enumerate(validation_set_names(list(valid_prefixes)), start=len(prefixes)):
+            conversations = [(index, conversation) for conversation in range(len(self.datasets[index]))]
+            self.valid_sets[name] = validation_sample(conversations, eval_conversations)
         self.weights = normalized_weights(weights, [len(train) for train in self.train_ids])
         self.sampler = ConversationSampler(self.train_ids, self.weights, seed)
         self.global_batches = 0
         self.fingerprint = {
             "prefixes": list(prefixes),
-            "sizes": [len(dataset) for dataset in self.datasets],
+            "sizes": [len(dataset) for dataset in training],
             "weights": [float(weight) for weight in self.weights],
             "valid_fraction": valid_fraction,
             # padfree takes pad's conversations update by update, so a run may switch between the two
@@ -69,7 +94,7 @@ class SFTSamples:
 
     def chat_settings(self) -> dict | None:
         """What the datasets were rendered with, for the exported chat template (``dataset_check``)."""
-        return recorded_chat_settings(self.datasets)
+        return recorded_chat_settings(self.datasets[: len(self.train_ids)])
 
     def next_global_batch(self, global_batch_size: int, row_multiple: int = 1) -> list[Row]:
         """The rows of the next training step (advances the data position). ``global_batch_size`` counts rows
@@ -89,13 +114,14 @@ class SFTSamples:
             "rows": len(rows),
         }
 
-    def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> list[list[Row]]:
-        """Every validation conversation (of the sample) once, in fixed order, filled like training batches;
-        all-padding rows (the last batch's unused ones, ``padfree``'s rounding) carry no supervised token and so
-        leave the token-weighted loss unchanged."""
-        return batches_from_list(
-            self.mode, self.valid_items, global_batch_size, self.datasets, self.seq_length, row_multiple
-        )
+    def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> dict[str, list[list[Row]]]:
+        """Per validation set (``HELD_OUT`` first, when there is one), every conversation of its sample once, in
+        fixed order, filled like training batches; all-padding rows (the last batch's unused ones, ``padfree``'s
+        rounding) carry no supervised token and so leave the token-weighted loss unchanged."""
+        return {
+            name: batches_from_list(self.mode, items, global_batch_size, self.datasets, self.seq_length, row_multiple)
+            for name, items in self.valid_sets.items()
+        }
 
     def micro_batches(self, rows: list[Row], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches of a global batch."""

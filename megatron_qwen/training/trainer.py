@@ -5,7 +5,7 @@ pretrained weights if any, and only then handed to the optimizer (whose float32 
 the weights at that moment); a resume then overwrites model, optimizer, RNG states, schedule and data
 position from the checkpoint.
 
-The loop stops (1) after ``run_length()`` updates, saving a last checkpoint; (2) on SIGTERM/SIGUSR1, saving at
+The loop stops (1) after ``run_length()`` updates, validating and saving the last one; (2) on SIGTERM/SIGUSR1, saving at
 the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm, without saving, with
 ``TrainingDiverged``.
 """
@@ -26,7 +26,7 @@ from megatron_qwen.platform import distributed
 from megatron_qwen.platform.wgrad_accumulation import provide_wgrad_accumulation
 from megatron_qwen.training import checkpointing, faults
 from megatron_qwen.training.config import RunConfig
-from megatron_qwen.training.interrupts import StopRequest
+from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
 from megatron_qwen.training.rows import schedule_shape
@@ -131,7 +131,7 @@ class Trainer:
         data = config.data
         self.samples = SFTSamples(
             data.data_path, data.data_weights, data.valid_fraction, data.rows, data.seq_length, training.seed,
-            data.pad_token_id, training.eval_conversations,
+            data.pad_token_id, training.eval_conversations, data.valid_data_path,
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
         self.chat_settings = self.samples.chat_settings()
@@ -198,10 +198,12 @@ class Trainer:
         )
 
     def validation_plan(self) -> str:
-        interval, conversations = self.config.training.eval_interval, len(self.samples.valid_items)
-        if not interval or not conversations:
+        interval, sets = self.config.training.eval_interval, self.samples.valid_sets
+        if not interval or not sets:
             return "no validation"
-        return f"validation on {conversations} held-out conversations every {interval} updates"
+        return f"validation every {interval} updates on " + ", ".join(
+            f"{len(items)} conversations of {name}" for name, items in sets.items()
+        )
 
     def fusions_in_use(self) -> list[str]:
         """The ``gpu_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
@@ -241,15 +243,18 @@ class Trainer:
         self.reporter.print(f"iteration {self.iteration} | saved {path}")
 
     def validate(self) -> None:
-        global_batches = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
-        batches = [self._micro_batches(rows) for rows in global_batches]
-        if batches:
-            self.reporter.validation(self.iteration, validation_loss(self.chunks, batches, self.shape))
+        sets = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
+        losses = {
+            name: validation_loss(self.chunks, [self._micro_batches(rows) for rows in global_batches], self.shape)
+            for name, global_batches in sets.items()
+        }
+        if losses:
+            self.reporter.validation(self.iteration, losses)
 
     def train(self) -> str:
         """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
         training, checkpoint = self.config.training, self.config.checkpoint
-        stop = StopRequest(device())
+        stop, clock = StopRequest(device()), SaveClock(checkpoint.save_interval_minutes)
         while self.iteration < self.train_steps:
             rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
             micro_batches = self._micro_batches(rows)
@@ -267,16 +272,17 @@ class Trainer:
                 )
             faults.maybe_signal(self.iteration)
             # before validation: a preemption warning's grace period goes to the save, not to a validation pass
-            if stop.agreed():
+            stopping, save_due = stop.agreed(clock.due())
+            if stopping:
                 if checkpoint.save_dir:
                     self.save()
                 return stop.received or "signal on another rank"
-            if training.eval_interval and self.iteration % training.eval_interval == 0:
+            last = self.iteration == self.train_steps
+            if training.eval_interval and (self.iteration % training.eval_interval == 0 or last):
                 self.validate()
-            if checkpoint.save_dir and (
-                self.iteration % checkpoint.save_interval == 0 or self.iteration == self.train_steps
-            ):
+            if checkpoint.save_dir and (self.iteration % checkpoint.save_interval == 0 or last or save_due):
                 self.save()
+                clock.reset()
         return "done"
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 Usage: python trainer_setup.py OUT_DIR
 
 - ``plain``: 48 conversations of 6..32 tokens, random prompt lengths (unequal supervised counts);
+- ``plain_held_out``: the 10 of them that ``--valid-fraction 0.2`` holds out, as a dataset of their own;
 - ``half_a``, ``half_b``: two further datasets for blending;
 - ``pairs``: 24 conversations of exactly 16 tokens, so that a 32-position row packs exactly two;
 - ``wrong_tokenizer``: stats naming another tokenizer; ``big_ids``: token ids the test model has no row for;
@@ -13,11 +14,16 @@ from pathlib import Path
 
 from trainer_common import random_conversations, tokenizer, write_dataset, write_start_checkpoint
 
+from megatron_qwen.training.sampling import split_conversations
+
 
 def main(out_dir):
     out = Path(out_dir)
     sha = tokenizer().sha256
-    write_dataset(out / "plain", random_conversations(48, seed=1), sha)
+    plain = random_conversations(48, seed=1)
+    write_dataset(out / "plain", plain, sha)
+    _, held_out = split_conversations(len(plain), 0.2, "plain")
+    write_dataset(out / "plain_held_out", [plain[index] for index in held_out], sha)
     write_dataset(out / "half_a", random_conversations(20, seed=2), sha)
     write_dataset(out / "half_b", random_conversations(28, seed=3), sha)
     write_dataset(out / "pairs", random_conversations(24, seed=4, lengths=(16, 17)), sha)
