@@ -63,8 +63,11 @@ def records(tmp_path_factory):
     ]
     plan += [entry(name, str(data / "plain"), settings) for name, settings in PACK_RUNS.items()]
     # 0.4 epochs of the 38 training conversations (48, 10 held out) are 16 draws: 2 updates, whatever --train-steps
-    # and eval_interval 5: the only validation is the one after the last update
-    sampled = {**validated, "eval_conversations": 2, "train_epochs": 0.4, "train_steps": 5, "eval_interval": 5}
+    # and eval_interval 5: the only validation is the one after the last update; warmup_fraction 0.5: 1 update
+    sampled = {
+        **validated, "eval_conversations": 2, "train_epochs": 0.4, "train_steps": 5, "eval_interval": 5,
+        "warmup_fraction": 0.5, "warmup_steps": 5,
+    }
     plan.append(entry("dp4_sampled_validation", str(data / "plain"), sampled))
     validation_sets = [str(data / "plain_held_out"), str(data / "half_a")]
     plan.append(entry("dp4_validation_sets", str(data / "plain"), {**validated, "valid_data_path": validation_sets}))
@@ -158,3 +161,5 @@ def test_each_validation_only_dataset_gets_a_loss_of_its_own(records):
 def test_learning_rate_follows_the_warmup(records):
     # warmup_steps 1: update 1 is already at the peak 1e-3 (the schedule's own test covers the numbering)
     assert [r["lr"] for r in updates(records, "dp4_mbs1")] == [1e-3, 1e-3]
+    # half of 2 updates, not --warmup-steps 5 (which would start at 1e-3 / 5)
+    assert [r["lr"] for r in updates(records, "dp4_sampled_validation")] == [1e-3, 1e-3]

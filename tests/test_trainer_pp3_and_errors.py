@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
         entry("big_ids", dataset="big_ids"),
         # pairs: 24 conversations, 6 per update: 2 epochs are 8 updates, too few for a warmup of 8
         entry("warmup_longer_than_epochs", train_epochs=2, warmup_steps=8),
+        entry("warmup_fraction_of_everything", warmup_fraction=0.9),  # of 2 updates: 2, rounded up
     ]
     ended = run_plan(run_torchrun, 3, plan, work)
     return ended, {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan[:2]}
@@ -83,6 +84,8 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
         ("big_ids", "DatasetMismatchError", "token id 5000 has no row in the model's embedding (1024 rows)"),
         ("warmup_longer_than_epochs", "ValueError",
          "--warmup-steps 8: must be below the run's 8 updates (--train-epochs 2.0 of 24 training conversations)"),
+        ("warmup_fraction_of_everything", "ValueError",
+         "--warmup-fraction 0.9 (2 updates): must be below the run's 2 updates (--train-steps 2)"),
     ],
 )
 def test_unusable_inputs_stop_with_their_message(runs, name, error, message):

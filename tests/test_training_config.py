@@ -87,6 +87,7 @@ def test_unreadable_recipe_is_named(tmp_path):
         (["--warmup-steps", "4000"], r"--warmup-steps: must be below --train-steps 4000"),
         (["--warmup-steps", "-1", "--train-epochs", "2"], r"--warmup-steps: must be at least 0, got -1"),
         (["--train-epochs", "0"], r"--train-epochs: must be above 0, got 0.0"),
+        (["--warmup-fraction", "1"], r"--warmup-fraction: must be in \[0, 1\), got 1.0"),
         (["--save-interval-minutes", "-5"], r"--save-interval-minutes: must be above 0, got -5.0"),
         (["--dropout", "1.0"], r"--dropout: must be in \[0, 1\)"),
         (["--min-lr", "1e-5"], r"--min-lr: above --lr 2e-06"),

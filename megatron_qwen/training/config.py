@@ -53,6 +53,9 @@ class OptimizerSettings:
     lr: float = setting(2e-6, "peak learning rate")
     min_lr: float = setting(0.0, "learning rate reached at the last update by cosine or linear decay")
     warmup_steps: int = setting(1430, "update k of the warmup uses lr * k / warmup_steps")
+    warmup_fraction: Optional[float] = setting(
+        None, "warmup as a fraction of the run's updates, rounded up (instead of --warmup-steps)"
+    )
     lr_decay_style: Literal["constant", "cosine", "linear"] = setting("constant", "after the warmup")
     adam_beta1: float = setting(0.9, "AdamW beta1")
     adam_beta2: float = setting(0.95, "AdamW beta2")
@@ -197,9 +200,14 @@ def _problems(config: RunConfig):
     yield training.train_epochs is not None and training.train_epochs <= 0 and (
         f"must be above 0, got {training.train_epochs}"
     ), "train_epochs"
-    yield config.optimizer.warmup_steps < 0 and f"must be at least 0, got {config.optimizer.warmup_steps}", "warmup_steps"
-    # with --train-epochs the run's length is known only once the data is read (Trainer.run_length)
-    yield training.train_epochs is None and config.optimizer.warmup_steps >= training.train_steps and (
+    optimizer = config.optimizer
+    yield optimizer.warmup_steps < 0 and f"must be at least 0, got {optimizer.warmup_steps}", "warmup_steps"
+    yield optimizer.warmup_fraction is not None and not 0 <= optimizer.warmup_fraction < 1 and (
+        f"must be in [0, 1), got {optimizer.warmup_fraction}"
+    ), "warmup_fraction"
+    # otherwise the run's length is known only once the data is read (Trainer.run_length)
+    fixed_length = training.train_epochs is None and optimizer.warmup_fraction is None
+    yield fixed_length and optimizer.warmup_steps >= training.train_steps and (
         f"must be below --train-steps {training.train_steps}"
     ), "warmup_steps"
 

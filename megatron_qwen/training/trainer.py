@@ -135,7 +135,7 @@ class Trainer:
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
         self.chat_settings = self.samples.chat_settings()
-        self.train_steps = self.run_length()
+        self.train_steps, self.warmup_steps = self.run_length()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
         self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
@@ -145,7 +145,7 @@ class Trainer:
         )
         opt = config.optimizer
         self.scheduler = build_scheduler(
-            self.optimizer, opt.lr, opt.min_lr, opt.warmup_steps, self.train_steps, opt.lr_decay_style,
+            self.optimizer, opt.lr, opt.min_lr, self.warmup_steps, self.train_steps, opt.lr_decay_style,
             opt.weight_decay,
         )
         self.iteration = 0
@@ -168,33 +168,40 @@ class Trainer:
             f"{self.validation_plan()}"
         )
 
-    def run_length(self) -> int:
-        """Updates of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that draw that many
-        passes over the training conversations (the same number at every resume: it is planned from the start)."""
-        training, warmup = self.config.training, self.config.optimizer.warmup_steps
+    def run_length(self) -> tuple[int, int]:
+        """(updates, warmup updates) of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that
+        draw that many passes over the training conversations (planned from the start, so every resume gets the
+        same); ``--warmup-steps``, or ``--warmup-fraction`` of the updates, rounded up."""
+        training, optimizer = self.config.training, self.config.optimizer
         if training.train_epochs is None:
-            return training.train_steps
-        steps = self.samples.updates_for_epochs(training.train_epochs, training.global_batch_size)
+            steps, length = training.train_steps, f"--train-steps {training.train_steps}"
+        else:
+            steps = self.samples.updates_for_epochs(training.train_epochs, training.global_batch_size)
+            conversations = self.samples.num_train_conversations()
+            length = f"--train-epochs {training.train_epochs} of {conversations} training conversations"
+        if optimizer.warmup_fraction is None:
+            warmup, flag = optimizer.warmup_steps, f"--warmup-steps {optimizer.warmup_steps}"
+        else:
+            warmup = math.ceil(round(optimizer.warmup_fraction * steps, 9))  # 0.1 x 30 is 3, not 4
+            flag = f"--warmup-fraction {optimizer.warmup_fraction} ({warmup} updates)"
         if warmup >= steps:
-            raise ValueError(
-                f"--warmup-steps {warmup}: must be below the run's {steps} updates (--train-epochs "
-                f"{training.train_epochs} of {self.samples.num_train_conversations()} training conversations)"
-            )
-        return steps
+            raise ValueError(f"{flag}: must be below the run's {steps} updates ({length})")
+        return steps, warmup
 
     def length_plan(self) -> str:
         """The run's length for the start line, in updates and epochs: a recipe written for a large dataset may
         mean many passes over a small one."""
         training = self.config.training
         conversations = self.samples.num_train_conversations()
+        updates = f"{self.train_steps} updates ({self.warmup_steps} of warmup)"
         if self.config.data.rows != "pack":
             epochs = self.train_steps * training.global_batch_size / conversations
-            return f"{self.train_steps} updates, {epochs:.2f} epochs of {conversations} training conversations"
+            return f"{updates}, {epochs:.2f} epochs of {conversations} training conversations"
         if training.train_epochs is None:
-            return f"{self.train_steps} updates of packed rows over {conversations} training conversations"
+            return f"{updates} of packed rows over {conversations} training conversations"
         return (
-            f"{self.train_steps} updates of packed rows, the fewest that draw {training.train_epochs} epochs of "
-            f"{conversations} training conversations"
+            f"{updates} of packed rows, the fewest that draw {training.train_epochs} epochs of {conversations} "
+            "training conversations"
         )
 
     def validation_plan(self) -> str:
