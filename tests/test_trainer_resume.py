@@ -50,6 +50,8 @@ def runs(tmp_path_factory):
             run(rows, "nan", env={NAN_AT: 2}, save_interval=1),
             run(rows, "stopped_at_validation", env={SIGTERM_AT: 2}, valid_fraction=0.2, eval_interval=1),
         ]
+    # after "resumed" finished: the same directory with a longer run is another schedule
+    plan.append(run("padfree", "longer", save_dir="stopped", dropout=0.1, train_steps=STEPS + 2))
     results = run_plan(run_torchrun, 4, plan, work)
     return results, work
 
@@ -144,3 +146,12 @@ def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
 
     exported = mcore_to_hf(work / "stopped", tmp_path / "hf")
     assert (exported / "config.json").is_file()
+
+
+def test_a_resume_with_another_schedule_is_refused_with_the_settings_that_differ(runs):
+    results, work = runs
+    assert results["padfree/longer"]["ended"] == "CheckpointError"
+    assert f"cannot resume from {work / 'padfree' / 'stopped' / 'iter_0000006'}: the learning-rate schedule differs" \
+        in results["padfree/longer"]["message"]
+    assert "updates (--train-steps, --train-epochs): checkpoint 6, now 8" in results["padfree/longer"]["message"]
+    assert layout.list_iterations(work / "padfree" / "stopped") == [3, 6]  # nothing written

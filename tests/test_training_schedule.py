@@ -60,8 +60,11 @@ def test_resumed_scheduler_continues_with_the_next_update():
     resumed = build_scheduler(fresh_optimizer, PEAK, 0.0, WARMUP, STEPS, "cosine", weight_decay=0.1)
     resumed.load_state_dict(state)
     assert fresh_optimizer.param_groups[0]["lr"] == full[2001]
-    with pytest.raises(AssertionError, match="do not match"):
-        build_scheduler(fresh_optimizer, 1e-5, 0.0, WARMUP, STEPS, "cosine", 0.1).load_state_dict(state)
+    changed = build_scheduler(fresh_optimizer, 1e-5, 0.0, WARMUP, 5000, "cosine", 0.1)
+    message = (r"schedule differs .*\(--lr: checkpoint 2e-06, now 1e-05; updates \(--train-steps, --train-epochs\): "
+               r"checkpoint 4000, now 5000\)")
+    with pytest.raises(ValueError, match=message):
+        changed.load_state_dict(state)
 
 
 def test_bad_schedules_are_refused():

@@ -15,6 +15,15 @@ from __future__ import annotations
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 DECAY_STYLES = ("constant", "cosine", "linear")
+# what a resume must keep of the schedule the run started with, and the settings that decide it
+KEPT_AT_RESUME = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "warmup updates (--warmup-steps, --warmup-fraction)",
+    "lr_decay_steps": "updates (--train-steps, --train-epochs)",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+}
 
 
 class UpdateNumberedScheduler(OptimizerParamScheduler):
@@ -27,6 +36,22 @@ class UpdateNumberedScheduler(OptimizerParamScheduler):
             return super().get_lr(param_group)
         finally:
             self.num_steps = completed
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the updates done; a schedule that differs from the saved one is refused with the settings that
+        differ (megatron's own check is a bare assertion)."""
+        current = self.state_dict()
+        differing = [
+            f"{setting}: checkpoint {state.get(key)}, now {current[key]}"
+            for key, setting in KEPT_AT_RESUME.items()
+            if state.get(key) != current[key]
+        ]
+        if differing:
+            raise ValueError(
+                f"the learning-rate schedule differs from the one the run started with ({'; '.join(differing)}); "
+                "resume with the run's settings, or start a new run from these weights with --pretrained-checkpoint"
+            )
+        super().load_state_dict(state)
 
 
 def build_scheduler(

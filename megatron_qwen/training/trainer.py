@@ -152,7 +152,10 @@ class Trainer:
         if self.start.kind == "resume":
             state = checkpointing.load_resume(self.chunks, self.optimizer, self.start, self.layout())
             self.iteration = int(state["iteration"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            try:
+                self.scheduler.load_state_dict(state["scheduler"])
+            except ValueError as error:
+                raise checkpointing.CheckpointError(f"cannot resume from {self.start.iteration_dir}: {error}") from None
             self.samples.load_state_dict(state["data"])
         save_dir = config.checkpoint.save_dir
         output_dir = training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
