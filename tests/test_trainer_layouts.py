@@ -72,7 +72,8 @@ def records(tmp_path_factory):
     validation_sets = [str(data / "plain_held_out"), str(data / "half_a")]
     plan.append(entry("dp4_validation_sets", str(data / "plain"), {**validated, "valid_data_path": validation_sets}))
     blend = [str(data / "half_a"), str(data / "half_b")]
-    plan += [entry(name, blend, {**settings, "data_weights": [1, 3]}) for name, settings in BLEND_RUNS.items()]
+    blended = {**validated, "data_weights": [1, 3], "valid_data_path": [str(data / "half_a_held_out")]}
+    plan += [entry(name, blend, {**settings, **blended}) for name, settings in BLEND_RUNS.items()]
     ended = run_plan(run_torchrun, 4, plan, work)
     assert all(result["ended"] == "done" for result in ended.values()), ended
     return {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan}
@@ -125,8 +126,8 @@ def test_two_dataset_blending_gives_the_same_loss_at_tp2_pp2(records):
 
 
 def test_each_update_records_the_epochs_drawn_of_each_dataset(records):
-    # weights 1:3 over 20 and 28 conversations: 2 and 6 of each update's 8
-    assert [r["epochs"] for r in updates(records, "blend_dp4")] == [[2 / 20, 6 / 28], [4 / 20, 12 / 28]]
+    # weights 1:3 over the 16 and 22 training conversations of 20 and 28: 2 and 6 of each update's 8
+    assert [r["epochs"] for r in updates(records, "blend_dp4")] == [[2 / 16, 6 / 22], [4 / 16, 12 / 22]]
     assert [r["epochs"] for r in updates(records, "dp4_sampled_validation")] == [[8 / 38], [16 / 38]]
 
 
@@ -156,6 +157,20 @@ def test_each_validation_only_dataset_gets_a_loss_of_its_own(records):
     # the held-out conversations written as a dataset of their own give the held-out loss
     assert [r["validation_loss/plain_held_out"] for r in found] == pytest.approx(reference, rel=1e-5)
     assert all(abs(r["validation_loss/half_a"] - r["validation_loss"]) > 1e-3 for r in found)
+
+
+def test_blended_datasets_report_the_held_out_loss_of_each(records):
+    found = {name: [r for r in records[name] if "validation_loss" in r] for name in BLEND_RUNS}
+    parts = ["validation_loss/held-out/half_a", "validation_loss/held-out/half_b"]
+    assert [sorted(r) for r in found["blend_dp4"]] == [
+        sorted(["iteration", "validation_loss", *parts, "validation_loss/half_a_held_out"])
+    ] * 2
+    for r in found["blend_dp4"]:
+        # half_a's held-out conversations written as a dataset of their own give its part
+        assert r["validation_loss/held-out/half_a"] == pytest.approx(r["validation_loss/half_a_held_out"], rel=1e-5)
+        assert min(r[part] for part in parts) < r["validation_loss"] < max(r[part] for part in parts)
+    for tp2_pp2, dp4 in zip(found["blend_tp2_pp2"], found["blend_dp4"]):
+        assert tp2_pp2 == pytest.approx(dp4, rel=1e-5)
 
 
 def test_learning_rate_follows_the_warmup(records):

@@ -6,6 +6,7 @@ the way the data tool writes them; expected values come from the raw token/mask 
 """
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,7 +295,8 @@ def test_validation_runs_on_a_fixed_uniform_sample_of_the_held_out_conversations
     # the same sample whatever the run's seed, rows or batch size; validation covers each of it once
     again = SFTSamples(prefixes, valid_fraction=0.5, mode="padfree", seq_length=SEQ, seed=99, eval_conversations=40)
     assert again.valid_items == sampled.valid_items
-    covered = [item for batch in again.validation_batches(global_batch_size=16)[HELD_OUT] for row in batch for item in row]
+    validation = again.validation_batches(global_batch_size=16)  # one set per dataset
+    covered = [item for batches in validation.values() for batch in batches for row in batch for item in row]
     assert sorted(covered) == sampled.valid_items
     # a limit above the held-out count keeps them all
     assert SFTSamples(prefixes, valid_fraction=0.5, mode="pad", seq_length=SEQ, eval_conversations=500).valid_items \
@@ -401,3 +403,20 @@ def test_validation_only_datasets_are_named_sets_outside_the_stream(tmp_path):
                          eval_conversations=3)
     assert [len(items) for items in sampled.valid_sets.values()] == [3, 3]
     assert set(sampled.valid_sets["eval_math"]) < set(samples.valid_sets["eval_math"])
+
+
+def test_blended_datasets_hold_out_a_validation_set_each(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative PREFIXes
+    for folder in ("held-out", "other"):
+        Path(folder).mkdir()
+    prefixes = [write_dataset(name, random_conversations(size, seed=size, base=100 * size))
+                for name, size in (("chat", 30), ("code", 20), ("held-out/code", 5), ("other/code", 5))]
+    samples = SFTSamples(prefixes[:2], valid_fraction=0.1, mode="pad", seq_length=SEQ, valid_prefixes=prefixes[1:2])
+    assert list(samples.held_out_sets) == ["held-out/chat", "held-out/code"]
+    assert [len(items) for items in samples.held_out_sets.values()] == [3, 2]
+    assert [item for items in samples.held_out_sets.values() for item in items] == samples.valid_items
+    assert all(dataset == index for index, items in enumerate(samples.held_out_sets.values()) for dataset, _ in items)
+    assert list(samples.valid_sets) == ["held-out/chat", "held-out/code", "code"]
+    # two validation datasets called code are named by their PREFIXes, and one of those is a held-out part's name
+    with pytest.raises(ValueError, match="--valid-data-path: a validation set is already called 'held-out/code'"):
+        SFTSamples(prefixes[:2], valid_fraction=0.1, valid_prefixes=prefixes[2:])

@@ -89,13 +89,20 @@ class Reporter:
         )
         self.scalars(iteration, values)
 
-    def validation(self, iteration: int, losses: dict[str, float]) -> None:
-        """One record of the losses of every validation set: ``validation_loss`` for the held-out conversations,
-        ``validation_loss/NAME`` for each validation-only dataset."""
+    def validation(self, iteration: int, results: dict[str, tuple[float, int]], held_out_names) -> None:
+        """One record of the losses of every validation set (``results``: name -> (loss, supervised tokens)):
+        ``validation_loss`` for the held-out conversations (the token-weighted loss of the ``held_out_names`` sets:
+        one, or one per blended dataset), ``validation_loss/NAME`` for every other set and every part."""
+        held_out = [results[name] for name in held_out_names]
         values, text = {}, [f"iteration {iteration}"]
-        for name, loss in losses.items():
-            values["validation_loss" if name == HELD_OUT else f"validation_loss/{name}"] = loss
-            text.append(f"validation loss {loss:.6f}" if name == HELD_OUT else f"validation loss {name} {loss:.6f}")
+        if held_out:
+            loss = sum(loss * tokens for loss, tokens in held_out) / sum(tokens for _, tokens in held_out)
+            values["validation_loss"] = loss
+            text.append(f"validation loss {loss:.6f}")
+        for name, (loss, _) in results.items():
+            if name != HELD_OUT:
+                values[f"validation_loss/{name}"] = loss
+                text.append(f"validation loss {name} {loss:.6f}")
         self.print(" | ".join(text))
         if self.records is not None:
             self.records.write(json.dumps({"iteration": iteration, **values}) + "\n")

@@ -11,8 +11,8 @@ the stream; restoring it in a run with the same data settings reproduces the fol
 restoring it into different settings is refused.
 
 Validation runs on named sets, each reported as a loss of its own: ``HELD_OUT``, the conversations split off the
-training datasets (``valid_fraction``), and each validation-only dataset (``valid_prefixes``), whole or a fixed
-sample of ``eval_conversations``. Validation-only datasets never enter the stream or its fingerprint, so a run
+training datasets (``valid_fraction``; one set per dataset when they are blended), and each validation-only
+dataset (``valid_prefixes``), whole or a fixed sample of ``eval_conversations``. Validation-only datasets never enter the stream or its fingerprint, so a run
 may add or drop them at a resume.
 """
 from __future__ import annotations
@@ -37,6 +37,16 @@ def validation_set_names(prefixes: list[str]) -> list[str]:
     return [
         name if names.count(name) == 1 and name != HELD_OUT else prefix for name, prefix in zip(names, prefixes)
     ]
+
+
+def _held_out_sets(items: list[tuple[int, int]], prefixes: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """The held-out conversations as one set, or, for blended datasets, one set per dataset (``held-out/NAME``),
+    whose token-weighted losses make the held-out loss."""
+    if len(prefixes) == 1 or not items:
+        return {HELD_OUT: items} if items else {}
+    parts = {f"{HELD_OUT}/{name}": [item for item in items if item[0] == index]
+             for index, name in enumerate(validation_set_names(prefixes))}
+    return {name: part for name, part in parts.items() if part}
 
 
 class SFTSamples:
@@ -66,8 +76,11 @@ class SFTSamples:
         self.train_ids = [train for train, _ in splits]
         held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
         self.valid_items = validation_sample(held_out, eval_conversations)
-        self.valid_sets = {HELD_OUT: self.valid_items} if self.valid_items else {}
+        self.held_out_sets = _held_out_sets(self.valid_items, list(prefixes))
+        self.valid_sets = dict(self.held_out_sets)
         for index, name in enumerate(validation_set_names(list(valid_prefixes)), start=len(prefixes)):
+            if name in self.valid_sets:
+                raise ValueError(f"--valid-data-path: a validation set is already called {name!r}; rename {name}")
             conversations = [(index, conversation) for conversation in range(len(self.datasets[index]))]
             self.valid_sets[name] = validation_sample(conversations, eval_conversations)
         self.weights = normalized_weights(weights, [len(train) for train in self.train_ids])
@@ -115,7 +128,7 @@ class SFTSamples:
         }
 
     def validation_batches(self, global_batch_size: int, row_multiple: int = 1) -> dict[str, list[list[Row]]]:
-        """Per validation set (``HELD_OUT`` first, when there is one), every conversation of its sample once, in
+        """Per validation set (the held-out ones first), every conversation of its sample once, in
         fixed order, filled like training batches; all-padding rows (the last batch's unused ones, ``padfree``'s
         rounding) carry no supervised token and so leave the token-weighted loss unchanged."""
         return {

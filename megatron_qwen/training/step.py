@@ -139,8 +139,8 @@ def train_step(
     )
 
 
-def validation_loss(chunks, batches: list[list[MicroBatch]], shape: ScheduleShape) -> float:
-    """Token-weighted loss over every validation batch (dropout off)."""
+def validation_loss(chunks, batches: list[list[MicroBatch]], shape: ScheduleShape) -> tuple[float, int]:
+    """(token-weighted loss, supervised tokens) over every validation batch (dropout off)."""
     for chunk in chunks:
         chunk.eval()
     store = []
@@ -149,4 +149,4 @@ def validation_loss(chunks, batches: list[list[MicroBatch]], shape: ScheduleShap
             store += run_schedule(chunks, micro_batches, shape, iteration=0, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return _loss_everywhere(store)[0]
+    return _loss_everywhere(store)

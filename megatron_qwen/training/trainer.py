@@ -254,12 +254,12 @@ class Trainer:
 
     def validate(self) -> None:
         sets = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
-        losses = {
+        results = {
             name: validation_loss(self.chunks, [self._micro_batches(rows) for rows in global_batches], self.shape)
             for name, global_batches in sets.items()
         }
-        if losses:
-            self.reporter.validation(self.iteration, losses)
+        if results:
+            self.reporter.validation(self.iteration, results, self.samples.held_out_sets)
 
     def train(self) -> str:
         """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
