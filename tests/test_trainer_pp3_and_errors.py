@@ -83,7 +83,7 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
         ("wrong_tokenizer", "DatasetMismatchError", "wrong_tokenizer_stats.json: tokenized with a different tokenizer"),
         ("big_ids", "DatasetMismatchError", "token id 5000 has no row in the model's embedding (1024 rows)"),
         ("warmup_longer_than_epochs", "ValueError",
-         "--warmup-steps 8: must be below the run's 8 updates (--train-epochs 2.0 of 24 training conversations)"),
+         "--warmup-steps 8 (or --warmup-fraction): must be below the run's 8 updates (--train-epochs 2.0 of 24 training conversations)"),
         ("warmup_fraction_of_everything", "ValueError",
          "--warmup-fraction 0.9 (2 updates): must be below the run's 2 updates (--train-steps 2)"),
     ],

@@ -12,8 +12,8 @@ restoring it into different settings is refused.
 
 Validation runs on named sets, each reported as a loss of its own: ``HELD_OUT``, the conversations split off the
 training datasets (``valid_fraction``; one set per dataset when they are blended), and each validation-only
-dataset (``valid_prefixes``), whole or a fixed sample of ``eval_conversations``. Validation-only datasets never enter the stream or its fingerprint, so a run
-may add or drop them at a resume.
+dataset (``valid_prefixes``), whole or a fixed sample of ``eval_conversations``. Validation-only datasets never
+enter the stream or its fingerprint, so a run may add or drop them at a resume.
 """
 from __future__ import annotations
 

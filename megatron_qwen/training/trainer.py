@@ -5,9 +5,10 @@ pretrained weights if any, and only then handed to the optimizer (whose float32 
 the weights at that moment); a resume then overwrites model, optimizer, RNG states, schedule and data
 position from the checkpoint.
 
-The loop stops (1) after ``run_length()`` updates, validating and saving the last one; (2) on SIGTERM/SIGUSR1, saving at
-the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm, without saving, with
-``TrainingDiverged``.
+The loop stops (1) after ``run_length()`` updates, validating and saving the last one; (2) on SIGTERM/SIGUSR1,
+saving at the step boundary all ranks agree on; (3) on a NaN or Inf loss or gradient norm, without saving, with
+``TrainingDiverged``. Saves also come every ``save_interval`` updates and, with ``save_interval_minutes``, by the
+clock.
 """
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ class Trainer:
             conversations = self.samples.num_train_conversations()
             length = f"--train-epochs {training.train_epochs} of {conversations} training conversations"
         if optimizer.warmup_fraction is None:
-            warmup, flag = optimizer.warmup_steps, f"--warmup-steps {optimizer.warmup_steps}"
+            warmup, flag = optimizer.warmup_steps, f"--warmup-steps {optimizer.warmup_steps} (or --warmup-fraction)"
         else:
             warmup = math.ceil(round(optimizer.warmup_fraction * steps, 9))  # 0.1 x 30 is 3, not 4
             flag = f"--warmup-fraction {optimizer.warmup_fraction} ({warmup} updates)"
