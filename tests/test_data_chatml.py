@@ -6,6 +6,7 @@ import pytest
 from data_fixtures import REFERENCES, tokenizer_spec
 from megatron_qwen.data.chatml import (DEFAULT_SYSTEM_PROMPT, ChatMLRenderer, Message, render_text,
                                        with_system_prompt)
+from megatron_qwen.data.conversations import ConversationError, parse_conversation
 from megatron_qwen.data.encode import ConversationEncoder, EncodeSettings, Row
 from megatron_qwen.data.tokenizer import load_tokenizer
 
@@ -22,13 +23,16 @@ TOOL_CALL_IDS = {"qwen": [27, 14172, 13429, 397, 16094, 522, 14172, 13429, 29], 
 
 # (ids, mask) of one turn per convention, written out piece by piece:
 # <|im_start|> role \n content <|im_end|> \n
+# "context" is a reply given as context only (weight 0): an assistant turn, no target, framed like a user turn
 TURN_MASKS = {
-    "assistant": {"system": (0, 0, 0, 0, 0, 0), "user": (0, 0, 0, 0, 0, 0), "assistant": (0, 0, 0, 1, 1, 0)},
-    "qwen-finetune": {"system": (1, 0, 0, 0, 1, 1), "user": (1, 0, 0, 0, 1, 1), "assistant": (1, 0, 0, 1, 1, 1)},
+    "assistant": {"system": (0, 0, 0, 0, 0, 0), "user": (0, 0, 0, 0, 0, 0), "assistant": (0, 0, 0, 1, 1, 0),
+                  "context": (0, 0, 0, 0, 0, 0)},
+    "qwen-finetune": {"system": (1, 0, 0, 0, 1, 1), "user": (1, 0, 0, 0, 1, 1), "assistant": (1, 0, 0, 1, 1, 1),
+                      "context": (1, 0, 0, 0, 1, 1)},
     "assistant-with-header": {"system": (0, 0, 0, 0, 0, 0), "user": (0, 0, 0, 0, 0, 0),
-                              "assistant": (0, 1, 1, 1, 1, 0)},
+                              "assistant": (0, 1, 1, 1, 1, 0), "context": (0, 0, 0, 0, 0, 0)},
 }
-ROLE = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLE = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "context": ASSISTANT}
 CONVENTIONS = list(TURN_MASKS)
 KINDS = ["qwen", "hf"]
 
@@ -159,3 +163,34 @@ def test_a_batch_concatenates_its_conversations(tokenizer):
     assert batch.ids.tolist() == ids_long + ids_short and batch.mask.tolist() == mask_long + mask_short
     assert batch.summary.lengths.tolist() == [35, 23] and batch.summary.rows == 2
     assert batch.summary.supervised_tokens == sum(mask_long) + sum(mask_short)
+
+
+WEIGHTED = ('{"messages": [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two", "weight": 0}, '
+            '{"role": "user", "content": "Three", "weight": 0}, {"role": "assistant", "content": "Four", "weight": 1}]}')
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_a_reply_of_weight_0_is_context_only(tokenizer, convention):
+    encoder = ConversationEncoder(tokenizer, EncodeSettings(convention))
+    batch = encoder.encode_batch([Row(0, 1, WEIGHTED.encode())])
+    turns = turns_of(("system", DEFAULT_SYSTEM_PROMPT), ("user", "One"), ("context", "Two"), ("user", "Three"),
+                     ("assistant", "Four"))
+    assert (batch.ids.tolist(), batch.mask.tolist()) == expected(turns, convention)
+    # the same text as without weights (OpenAI's finetuning format: a weight only decides the loss)
+    assert batch.ids.tolist() == encoder.encode_batch([Row(0, 1, LONG.encode())]).ids.tolist()
+    sharegpt = WEIGHTED.replace('"messages"', '"conversations"').replace('"role"', '"from"').replace('"content"', '"value"')
+    assert encoder.encode_batch([Row(0, 1, sharegpt.encode())]).mask.tolist() == batch.mask.tolist()
+
+
+@pytest.mark.parametrize("row, reason", [
+    (WEIGHTED.replace('"weight": 1', '"weight": 0'), 'no assistant turn to train on (every one has "weight": 0)'),
+    (WEIGHTED.replace('"weight": 1', '"weight": 2'), '"messages"[3] "weight" is 2; expected 0 or 1'),
+    (WEIGHTED.replace('"weight": 1', '"weight": true'), '"messages"[3] "weight" is True; expected 0 or 1'),
+    (WEIGHTED.replace('"weight": 1', '"weight": 0.5'), '"messages"[3] "weight" is 0.5; expected 0 or 1'),
+    (WEIGHTED.replace('"Three", "weight": 0', '"Three", "weight": 1'),
+     '"messages"[2] has "weight": 1 but is a user turn, which is never a target'),
+])
+def test_weights_other_than_a_replys_0_or_1_are_refused(row, reason):
+    with pytest.raises(ConversationError) as error:
+        parse_conversation(row.encode())
+    assert str(error.value) == reason

@@ -64,6 +64,11 @@ CASES = {
          '<think>\nAgain.\n</think>\n\nLet me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
          '{"city": "Rome"}}\n</tool_call><|im_end|><think>\n\n</think>\n\nSun.<|im_end|>'],
     ),
+    "a reply of weight 0 is context only: its exchange makes no sample": (
+        {"messages": [user("2+2?"), reply("4.", "Add them.", weight=0), user("And 3+3?"), reply("6.", "Add again.")]},
+        [4],
+        ["<think>\nAdd again.\n</think>\n\n6.<|im_end|>"],
+    ),
     "reasoning written into the content": (
         {"messages": [user("a?"), reply("<think>\nA.\n</think>\n\nx"),
                       user("b?"), reply("<think>\nB.\n</think>\n\ny")]},
@@ -132,10 +137,12 @@ def test_the_exported_split_template_serves_the_context_the_last_sample_trained_
     served = hf_tokenizer.apply_chat_template(history, tools=row.get("tools"), chat_template=chat_template("", "split"),
                                               add_generation_prompt=True, tokenize=False)
     assert served == render_text(last[:-1]) + "<|im_start|>assistant\n"
-    # keep (the default) serves the earlier reasoning as written
+    # keep (the default) serves the earlier reasoning as written: the whole row as keep writes it, but its last reply
     kept = hf_tokenizer.apply_chat_template(history, tools=row.get("tools"), chat_template=chat_template(""),
                                             add_generation_prompt=True, tokenize=False)
-    assert kept != served and kept.startswith(render_text(split(row)[0]))
+    conversation = parse_conversation(json.dumps(row).encode())
+    as_kept = with_system_prompt(conversation.messages, "", conversation.tools)
+    assert kept != served and kept == render_text(as_kept[:-1]) + "<|im_start|>assistant\n"
 
 
 def test_history_replies_take_a_user_turns_frame_targets_under_qwen_finetune():

@@ -9,10 +9,12 @@
   ``"tools"``, often a JSON string.
 
 Function calling becomes plain turns as ``tool_calls`` describes, and a reply's reasoning leads it as
-``<think>\\nREASONING\\n</think>\\n\\n`` (as Qwen3's template writes the replies it keeps reasoning for);
-other keys are ignored. A row is rejected (``ConversationError`` with the reason) when it is not valid
-UTF-8 or JSON, has neither list, names an unknown role, has non-string content, malformed tools, calls or
-reasoning, is empty, or has no assistant turn.
+``<think>\\nREASONING\\n</think>\\n\\n`` (as Qwen3's template writes the replies it keeps reasoning for).
+An assistant message (or ``function_call`` turn) may carry ``"weight": 0`` or ``1``, as in OpenAI's finetuning
+format: a reply of weight 0 stays in the conversation as context (an ``assistant_history`` turn) and is not a
+target. Other keys are ignored. A row is rejected (``ConversationError`` with the reason) when it is not valid
+UTF-8 or JSON, has neither list, names an unknown role, has non-string content, malformed tools, calls,
+reasoning or weights, is empty, or has no assistant turn to train on.
 """
 from __future__ import annotations
 
@@ -76,14 +78,16 @@ def parse_conversation(row: bytes) -> Conversation:
     if b"\\u" in row:
         _check_surrogates(messages, tools, list_key)
     if not any(role == "assistant" for role, _ in messages):
+        if any(role == "assistant_history" for role, _ in messages):
+            raise ConversationError('no assistant turn to train on (every one has "weight": 0)')
         raise ConversationError("no assistant turn")
     return Conversation(messages, tools)
 
 
 def _messages(items: list, list_key: str, row: bytes) -> list[Message]:
     role_key, content_key = _FORMATS[list_key]
-    # The common case in one tight loop; rows with tools or reasoning, and bad rows, take the full path below.
-    if b'"tool' not in row and b'"reasoning_content"' not in row:
+    # The common case in one tight loop; rows with tools, reasoning or weights, and bad rows, take the full path.
+    if b'"tool' not in row and b'"reasoning_content"' not in row and b'"weight"' not in row:
         try:
             messages = [(_PLAIN_ROLE_NAMES[item[role_key]], item[content_key]) for item in items]
             if all(type(content) is str for _, content in messages):
@@ -106,6 +110,25 @@ def _message(item, where: str, role_key: str, content_key: str) -> Message:
     if not isinstance(role, str) or role not in _ROLE_NAMES:
         raise ConversationError(f'{where} has unknown role {role!r} (expected one of {", ".join(_ROLE_NAMES)})')
     role = _ROLE_NAMES[role]
+    message = _message_text(item, role, where, content_key)
+    return Message("assistant_history", message.content) if _is_context_only(item, role, where) else message
+
+
+def _is_context_only(item: dict, role: str, where: str) -> bool:
+    """Whether the message is a reply of ``"weight": 0``. A weight other than 0 or 1, or a weight of 1 on a turn that
+    is never a target, is an error; a weight of 0 on such a turn changes nothing."""
+    if "weight" not in item:
+        return False
+    weight = item["weight"]
+    if type(weight) is not int or weight not in (0, 1):
+        raise ConversationError(f'{where} "weight" is {weight!r}; expected 0 or 1')
+    is_reply = role in ("assistant", "function_call")
+    if weight == 1 and not is_reply:
+        raise ConversationError(f'{where} has "weight": 1 but is a {role} turn, which is never a target')
+    return is_reply and weight == 0
+
+
+def _message_text(item: dict, role: str, where: str, content_key: str) -> Message:
     if role == "function_call":  # ShareGPT: the turn's value is the call itself
         calls_where = f'{where} "{content_key}"'
         return Message("assistant", calls_text(decode_json(item.get(content_key), calls_where), calls_where))

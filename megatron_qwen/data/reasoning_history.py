@@ -9,7 +9,8 @@ whose replies reason, and at its end when replies follow the last such cut; each
 conversation up to the cut. Its targets are the replies since the previous cut; every earlier reply is
 context as the template writes it (the text after its last ``</think>``), never a target again, so each
 reply is trained on once, in the form served. A conversation whose replies reason only in its last
-exchange, or not at all, stays one sample as it is.
+exchange, or not at all, stays one sample as it is. Replies of weight 0 (``assistant_history`` turns from the
+start) count as replies where the cuts fall, and a sample whose replies all have weight 0 is not made.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from megatron_qwen.data.tool_calls import is_responses_text
 POLICIES = ("keep", "split")
 DEFAULT_REASONING_HISTORY = "keep"  # also what datasets and checkpoints from before the split option mean
 _THINK_END = "</think>"
+_REPLIES = ("assistant", "assistant_history")
 
 
 def samples(messages: Sequence[Message]) -> list[list[Message]]:
@@ -30,7 +32,8 @@ def samples(messages: Sequence[Message]) -> list[list[Message]]:
         return [list(messages)]
     made, start = [], 0
     for end in cuts:
-        made.append([_as_context(message) for message in messages[:start]] + list(messages[start:end]))
+        if any(role == "assistant" for role, _ in messages[start:end]):  # else it would have nothing to learn
+            made.append([_as_context(message) for message in messages[:start]] + list(messages[start:end]))
         start = end
     return made
 
@@ -43,7 +46,7 @@ def _sample_ends(messages: Sequence[Message]) -> list[int]:
         if _is_query(role, content) and reasons:
             ends.append(index)
             reasons = replies_since = False
-        if role == "assistant":
+        if role in _REPLIES:
             reasons = reasons or _THINK_END in content
             replies_since = True
     if reasons or replies_since:
@@ -57,6 +60,6 @@ def _is_query(role: str, content: str) -> bool:
 
 def _as_context(message: Message) -> Message:
     role, content = message
-    if role != "assistant":
+    if role not in _REPLIES:
         return message
     return Message("assistant_history", content.split(_THINK_END)[-1].lstrip("\n"))
