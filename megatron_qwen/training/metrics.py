@@ -25,8 +25,10 @@ def peak_memory_gib() -> float:
 
 
 class Reporter:
-    def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool):
+    def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool,
+                 dataset_names: list[str]):
         self.model = model
+        self.dataset_names = dataset_names  # of the training datasets, for their epochs
         self.seq_length = seq_length
         self.world_size = world_size
         self.log_interval = log_interval
@@ -75,7 +77,8 @@ class Reporter:
             "peak_memory_gib": peak_memory_gib(),
         }
         epochs = records[-1]["epochs"]
-        values.update({"epoch": epochs[0]} if len(epochs) == 1 else {f"epoch/{i}": e for i, e in enumerate(epochs)})
+        names = [""] if len(epochs) == 1 else [f"/{name}" for name in self.dataset_names]
+        values.update({f"epoch{name}": epoch for name, epoch in zip(names, epochs)})
         self.print(
             f"iteration {iteration} | epoch {'/'.join(f'{epoch:.3f}' for epoch in epochs)} | "
             f"loss {values['loss']:.6f} | lr {values['lr']:.4e} | "

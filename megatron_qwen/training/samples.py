@@ -30,9 +30,9 @@ from megatron_qwen.training.sampling import (ConversationSampler, normalized_wei
 HELD_OUT = "held-out"  # the validation set of conversations split off the training datasets
 
 
-def validation_set_names(prefixes: list[str]) -> list[str]:
-    """What the log calls each ``--valid-data-path`` dataset: its file name, or the whole PREFIX where that is
-    ambiguous."""
+def dataset_names(prefixes: list[str]) -> list[str]:
+    """What the log calls each dataset of a list (``--data-path``, ``--valid-data-path``): its file name, or the
+    whole PREFIX where that is ambiguous."""
     names = [Path(prefix).name for prefix in prefixes]
     return [
         name if names.count(name) == 1 and name != HELD_OUT else prefix for name, prefix in zip(names, prefixes)
@@ -45,7 +45,7 @@ def _held_out_sets(items: list[tuple[int, int]], prefixes: list[str]) -> dict[st
     if len(prefixes) == 1 or not items:
         return {HELD_OUT: items} if items else {}
     parts = {f"{HELD_OUT}/{name}": [item for item in items if item[0] == index]
-             for index, name in enumerate(validation_set_names(prefixes))}
+             for index, name in enumerate(dataset_names(prefixes))}
     return {name: part for name, part in parts.items() if part}
 
 
@@ -78,7 +78,7 @@ class SFTSamples:
         self.valid_items = validation_sample(held_out, eval_conversations)
         self.held_out_sets = _held_out_sets(self.valid_items, list(prefixes))
         self.valid_sets = dict(self.held_out_sets)
-        for index, name in enumerate(validation_set_names(list(valid_prefixes)), start=len(prefixes)):
+        for index, name in enumerate(dataset_names(list(valid_prefixes)), start=len(prefixes)):
             if name in self.valid_sets:
                 raise ValueError(f"--valid-data-path: a validation set is already called {name!r}; rename {name}")
             conversations = [(index, conversation) for conversation in range(len(self.datasets[index]))]

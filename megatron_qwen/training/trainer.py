@@ -31,7 +31,7 @@ from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
 from megatron_qwen.training.rows import schedule_shape
-from megatron_qwen.training.samples import SFTSamples
+from megatron_qwen.training.samples import SFTSamples, dataset_names
 from megatron_qwen.training.schedule import build_scheduler
 from megatron_qwen.training.step import ScheduleShape, device, train_step, validation_loss
 
@@ -162,7 +162,7 @@ class Trainer:
         output_dir = training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
         self.reporter = Reporter(
             self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
-            writes=torch.distributed.get_rank() == 0,
+            writes=torch.distributed.get_rank() == 0, dataset_names=dataset_names(data.data_path),
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
