@@ -5,7 +5,9 @@
 #   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
 #                                             rank, world size and rendezvous come from SLURM's variables
 #   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
-# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json), e.g. --train-steps 100 --rows pack.
+# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json), e.g. --train-steps 100 --rows pack, or
+# --train-epochs 3 --warmup-fraction 0.1 to size the run by the data (the start line gives it in updates and
+# epochs), or --save-interval-minutes 60 to add saves by the clock.
 # Inputs (environment): DATA (the PREFIX tools/preprocess_chatml.py wrote), PRETRAINED (the output of
 # tools/convert_checkpoint.py hf-to-mcore), SAVE_DIR (checkpoints; a rerun resumes from the latest one there).
 #

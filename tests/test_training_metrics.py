@@ -13,8 +13,9 @@ from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.step import StepResult
 
 
-def reporter(tmp_path, dataset_names):
-    return Reporter(PRESETS["tiny"], 32, 1, 1, str(tmp_path), writes=True, dataset_names=dataset_names)
+def reporter(tmp_path, dataset_names, train_steps=10):
+    return Reporter(PRESETS["tiny"], 32, 1, 1, str(tmp_path), writes=True, dataset_names=dataset_names,
+                    train_steps=train_steps)
 
 
 def scalars(tmp_path):
@@ -27,13 +28,14 @@ def test_blended_runs_report_each_datasets_epochs_and_held_out_loss(tmp_path, ca
     report = reporter(tmp_path, ["chat", "code"])
     result = StepResult(loss=2.0, grad_norm=1.5, lr=1e-5, skipped=False, tokens=100, supervised_tokens=40,
                         conversations=4, rows=2)
-    report.step(1, result, 0.5, [0.25, 0.75])
+    report.step(1, result, 400.0, [0.25, 0.75])
     # held-out parts: 1.0 over 30 tokens and 2.0 over 10: (30 + 20) / 40 = 1.25
     results = {"held-out/chat": (1.0, 30), "held-out/code": (2.0, 10), "eval_math": (3.0, 7)}
     report.validation(1, results, ["held-out/chat", "held-out/code"])
     report.close()
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("iteration 1 | epoch 0.250/0.750 | loss 2.000000 |")
+    assert printed[0].endswith(" | remaining 1:00:00")  # 9 more updates of 400 s
     assert printed[1] == ("iteration 1 | validation loss 1.250000 | validation loss held-out/chat 1.000000 | "
                           "validation loss held-out/code 2.000000 | validation loss eval_math 3.000000")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -24,11 +24,18 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _duration(seconds: float) -> str:
+    """``H:MM:SS`` (the updates left at the interval's pace; validations and saves come on top)."""
+    minutes, second = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{second:02d}"
+
+
 class Reporter:
     def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool,
-                 dataset_names: list[str]):
+                 dataset_names: list[str], train_steps: int):
         self.model = model
         self.dataset_names = dataset_names  # of the training datasets, for their epochs
+        self.train_steps = train_steps
         self.seq_length = seq_length
         self.world_size = world_size
         self.log_interval = log_interval
@@ -88,7 +95,8 @@ class Reporter:
             f"tokens/s/GPU {values['tokens_per_s_per_gpu']:.1f} | "
             f"supervised tokens/s/GPU {values['supervised_tokens_per_s_per_gpu']:.1f} | "
             f"TFLOP/s/GPU {values['tflops_per_gpu']:.3f} | MFU {100 * values['mfu']:.2f}% | "
-            f"peak memory {values['peak_memory_gib']:.2f} GiB"
+            f"peak memory {values['peak_memory_gib']:.2f} GiB | "
+            f"remaining {_duration((self.train_steps - iteration) * seconds / len(records))}"
         )
         self.scalars(iteration, values)
 

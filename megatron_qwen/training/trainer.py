@@ -163,6 +163,7 @@ class Trainer:
         self.reporter = Reporter(
             self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
             writes=torch.distributed.get_rank() == 0, dataset_names=dataset_names(data.data_path),
+            train_steps=self.train_steps,
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
