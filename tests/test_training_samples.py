@@ -420,3 +420,24 @@ def test_blended_datasets_hold_out_a_validation_set_each(tmp_path, monkeypatch):
     # two validation datasets called code are named by their PREFIXes, and one of those is a held-out part's name
     with pytest.raises(ValueError, match="--valid-data-path: a validation set is already called 'held-out/code'"):
         SFTSamples(prefixes[:2], valid_fraction=0.1, valid_prefixes=prefixes[2:])
+
+
+def test_validation_datasets_rendered_unlike_the_training_data_are_named(tmp_path):
+    def dataset(name, **provenance):
+        prefix = write_dataset(tmp_path / name, random_conversations(6, seed=1))
+        stats_file = tmp_path / f"{name}_stats.json"
+        stats = json.loads(stats_file.read_text())
+        stats["provenance"].update(provenance)
+        stats_file.write_text(json.dumps(stats))
+        return prefix
+
+    rendering = {"loss_mask": "assistant", "system_prompt": "You are a helpful assistant.", "reasoning_history": "keep"}
+    train = [dataset("chat", **rendering), dataset("code", **{**rendering, "system_prompt": ""})]
+    valid = [dataset("same", **rendering), dataset("like_code", **{**rendering, "system_prompt": ""}),
+             dataset("other", **{**rendering, "loss_mask": "qwen-finetune", "reasoning_history": "split"}),
+             dataset("unrecorded")]
+    samples = SFTSamples(train, mode="pad", seq_length=SEQ, valid_prefixes=valid)
+    assert samples.rendering_warnings() == [
+        "validation set other was rendered unlike the training data: loss_mask 'qwen-finetune' (training: "
+        "'assistant'); reasoning_history 'split' (training: 'keep')"
+    ]

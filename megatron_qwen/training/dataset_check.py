@@ -4,7 +4,7 @@ A dataset tokenized with another tokenizer, holding ids the embedding has no row
 rows than the run uses would train silently on garbage; each case stops here with a message naming the file
 (a missing, unreadable or incomplete one is named by ``data/dataset_files.read_stats``). Also read from the
 stats: the default system prompt each dataset was rendered with, which the trainer's checkpoints record for the
-exported chat template.
+exported chat template, and how a validation-only dataset's rendering differs from the training data's.
 """
 from __future__ import annotations
 
@@ -96,3 +96,20 @@ def recorded_chat_settings(datasets: list[ConversationDataset]) -> dict | None:
     return {"system_prompts": [provenance["system_prompt"] for provenance in provenances],
             "reasoning_history": [provenance.get("reasoning_history", DEFAULT_REASONING_HISTORY)
                                   for provenance in provenances]}
+
+
+RENDERING_KEYS = ("loss_mask", "system_prompt", "reasoning_history")  # what makes two datasets' losses comparable
+
+
+def rendering_differences(training: list[ConversationDataset], validation: ConversationDataset) -> list[str]:
+    """How ``validation`` was rendered unlike every training dataset (loss-mask convention, default system prompt,
+    reasoning history), as ``key VALUE (training: VALUES)``; empty when it matches one of them on each key or a
+    key is not recorded."""
+    trained = [read_stats(dataset.prefix).get("provenance", {}) for dataset in training]
+    mine = read_stats(validation.prefix).get("provenance", {})
+    differences = []
+    for key in RENDERING_KEYS:
+        values = sorted({provenance[key] for provenance in trained if key in provenance}, key=repr)
+        if key in mine and values and mine[key] not in values:
+            differences.append(f"{key} {mine[key]!r} (training: {', '.join(map(repr, values))})")
+    return differences

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from megatron_qwen.training.conversations import ConversationDataset
-from megatron_qwen.training.dataset_check import check_datasets, recorded_chat_settings
+from megatron_qwen.training.dataset_check import check_datasets, recorded_chat_settings, rendering_differences
 from megatron_qwen.training.rows import MODES, MicroBatch, Row, batches_from_list, collate, next_rows
 from megatron_qwen.training.sampling import (ConversationSampler, normalized_weights, split_conversations,
                                              validation_sample)
@@ -104,6 +104,17 @@ class SFTSamples:
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
+
+    def rendering_warnings(self) -> list[str]:
+        """One line per validation-only dataset rendered unlike the training data: its loss then measures other
+        targets or contexts than the training loss does, which the user should know when comparing them."""
+        training, valid_only = self.datasets[: len(self.train_ids)], self.datasets[len(self.train_ids):]
+        names = dataset_names([dataset.prefix for dataset in valid_only])
+        return [
+            f"validation set {name} was rendered unlike the training data: {'; '.join(differences)}"
+            for name, dataset in zip(names, valid_only)
+            if (differences := rendering_differences(training, dataset))
+        ]
 
     def chat_settings(self) -> dict | None:
         """What the datasets were rendered with, for the exported chat template (``dataset_check``)."""

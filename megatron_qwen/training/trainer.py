@@ -172,6 +172,8 @@ class Trainer:
             f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.length_plan()}; "
             f"{self.validation_plan()}"
         )
+        for warning in self.samples.rendering_warnings():
+            self.reporter.print(f"warning: {warning}")
 
     def run_length(self) -> tuple[int, int]:
         """(updates, warmup updates) of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that
