@@ -86,11 +86,16 @@ def check_datasets(
             )
 
 
+def _provenances(datasets: list[ConversationDataset]) -> list[dict]:
+    """Each dataset's recorded provenance (``{}`` where its stats record none)."""
+    return [read_stats(dataset.prefix).get("provenance", {}) for dataset in datasets]
+
+
 def recorded_chat_settings(datasets: list[ConversationDataset]) -> dict | None:
     """What an exported chat template must follow: the default system prompt and the reasoning-history policy
     each dataset was rendered with (``layout.chat_settings``' arguments), or None when a dataset does not record
     its system prompt."""
-    provenances = [read_stats(dataset.prefix).get("provenance", {}) for dataset in datasets]
+    provenances = _provenances(datasets)
     if not all("system_prompt" in provenance for provenance in provenances):
         return None
     return {"system_prompts": [provenance["system_prompt"] for provenance in provenances],
@@ -101,15 +106,16 @@ def recorded_chat_settings(datasets: list[ConversationDataset]) -> dict | None:
 RENDERING_KEYS = ("loss_mask", "system_prompt", "reasoning_history")  # what makes two datasets' losses comparable
 
 
-def rendering_differences(training: list[ConversationDataset], validation: ConversationDataset) -> list[str]:
-    """How ``validation`` was rendered unlike every training dataset (loss-mask convention, default system prompt,
-    reasoning history), as ``key VALUE (training: VALUES)``; empty when it matches one of them on each key or a
-    key is not recorded."""
-    trained = [read_stats(dataset.prefix).get("provenance", {}) for dataset in training]
-    mine = read_stats(validation.prefix).get("provenance", {})
-    differences = []
-    for key in RENDERING_KEYS:
-        values = sorted({provenance[key] for provenance in trained if key in provenance}, key=repr)
-        if key in mine and values and mine[key] not in values:
-            differences.append(f"{key} {mine[key]!r} (training: {', '.join(map(repr, values))})")
-    return differences
+def rendering_differences(
+    training: list[ConversationDataset], validation: list[ConversationDataset]
+) -> list[list[str]]:
+    """Per ``validation`` dataset, how it was rendered unlike every training dataset (loss-mask convention, default
+    system prompt, reasoning history), as ``key VALUE (training: VALUES)``; empty when it matches one of them on
+    each key or a key is not recorded."""
+    trained = _provenances(training)
+    recorded = {key: sorted({found[key] for found in trained if key in found}, key=repr) for key in RENDERING_KEYS}
+    return [
+        [f"{key} {mine[key]!r} (training: {', '.join(map(repr, values))})"
+         for key, values in recorded.items() if key in mine and values and mine[key] not in values]
+        for mine in _provenances(validation)
+    ]

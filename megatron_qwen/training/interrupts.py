@@ -25,7 +25,7 @@ class StopRequest:
     def _record(self, number, frame) -> None:
         self.received = signal.Signals(number).name
 
-    def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
+    def agreed(self, save_due: bool) -> tuple[bool, bool]:
         """(stop, save), the same on every rank (one collective): any rank's signal stops them all, and any rank's
         ``save_due`` (its clock, see ``SaveClock``) makes them all save."""
         flags = torch.tensor([1.0 if self.received else 0.0, 1.0 if save_due else 0.0], device=self.device)

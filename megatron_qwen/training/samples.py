@@ -42,8 +42,10 @@ def dataset_names(prefixes: list[str]) -> list[str]:
 def _held_out_sets(items: list[tuple[int, int]], prefixes: list[str]) -> dict[str, list[tuple[int, int]]]:
     """The held-out conversations as one set, or, for blended datasets, one set per dataset (``held-out/NAME``),
     whose token-weighted losses make the held-out loss."""
-    if len(prefixes) == 1 or not items:
-        return {HELD_OUT: items} if items else {}
+    if not items:
+        return {}
+    if len(prefixes) == 1:
+        return {HELD_OUT: items}
     parts = {f"{HELD_OUT}/{name}": [item for item in items if item[0] == index]
              for index, name in enumerate(dataset_names(prefixes))}
     return {name: part for name, part in parts.items() if part}
@@ -112,8 +114,8 @@ class SFTSamples:
         names = dataset_names([dataset.prefix for dataset in valid_only])
         return [
             f"validation set {name} was rendered unlike the training data: {'; '.join(differences)}"
-            for name, dataset in zip(names, valid_only)
-            if (differences := rendering_differences(training, dataset))
+            for name, differences in zip(names, rendering_differences(training, valid_only))
+            if differences
         ]
 
     def chat_settings(self) -> dict | None:
