@@ -27,6 +27,11 @@ from megatron_qwen.training.sampling import (ConversationSampler, normalized_wei
                                              validation_sample)
 
 
+def ceil_product(factor: float, count: int) -> int:
+    """``ceil(factor x count)`` of the decimal product: 0.1 x 30 is 3, not the 4 its binary floats round up to."""
+    return math.ceil(round(factor * count, 9))
+
+
 HELD_OUT = "held-out"  # the validation set of conversations split off the training datasets
 
 
@@ -179,7 +184,7 @@ class SFTSamples:
         packing of a fresh stream is planned (index lengths only, the same plan every rank and every resume makes)."""
         if epochs <= 0:
             raise ValueError(f"epochs must be above 0, got {epochs}")
-        conversations = math.ceil(round(epochs * self.num_train_conversations(), 9))  # 0.1 x 30 is 3, not 4
+        conversations = ceil_product(epochs, self.num_train_conversations())
         if self.mode != "pack":
             return math.ceil(conversations / global_batch_size)
         stream = ConversationSampler(self.train_ids, self.weights, self.sampler.seed)

@@ -31,7 +31,7 @@ from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
 from megatron_qwen.training.rows import schedule_shape
-from megatron_qwen.training.samples import SFTSamples, dataset_names
+from megatron_qwen.training.samples import SFTSamples, ceil_product, dataset_names
 from megatron_qwen.training.schedule import build_scheduler
 from megatron_qwen.training.step import ScheduleShape, device, train_step, validation_loss
 
@@ -189,7 +189,7 @@ class Trainer:
         if optimizer.warmup_fraction is None:
             warmup, flag = optimizer.warmup_steps, f"--warmup-steps {optimizer.warmup_steps} (or --warmup-fraction)"
         else:
-            warmup = math.ceil(round(optimizer.warmup_fraction * steps, 9))  # 0.1 x 30 is 3, not 4
+            warmup = ceil_product(optimizer.warmup_fraction, steps)
             flag = f"--warmup-fraction {optimizer.warmup_fraction} ({warmup} updates)"
         if warmup >= steps:
             raise ValueError(f"{flag}: must be below the run's {steps} updates ({length})")
