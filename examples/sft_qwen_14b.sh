@@ -5,9 +5,9 @@
 #   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
 #                                             rank, world size and rendezvous come from SLURM's variables
 #   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
-# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json), e.g. --train-steps 100 --rows pack, or
-# --train-epochs 3 --warmup-fraction 0.1 to size the run by the data (the start line gives it in updates and
-# epochs), or --save-interval-minutes 60 to add saves by the clock.
+# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json; --recipe FILE replaces it), e.g.
+# --train-steps 100 --rows pack, or --train-epochs 3 --warmup-fraction 0.1 to size the run by the data (the
+# start line gives it in updates and epochs), or --save-interval-minutes 60 to add saves by the clock.
 # Inputs (environment): DATA (the PREFIX tools/preprocess_chatml.py wrote), PRETRAINED (the output of
 # tools/convert_checkpoint.py hf-to-mcore), SAVE_DIR (checkpoints; a rerun resumes from the latest one there).
 #
@@ -26,7 +26,8 @@
 # on to the trainer (srun forwards it to every task), which finishes its step, saves (weights 28 GB + optimizer
 # 170 GB, a few minutes even on a slow shared file system) and exits; the script then requeues the job
 # (`scontrol requeue`, allowed by --requeue), which resumes from that checkpoint when it starts again. Without
-# SLURM, SIGTERM or SIGUSR1 to the trainer processes saves and stops the same way; rerun to resume.
+# SLURM, SIGTERM or SIGUSR1 to this script (e.g. a pod's termination notice) saves and stops the same way; rerun
+# to resume. A signal that comes while the trainers are still starting stops them before any update.
 #SBATCH --job-name=sft-qwen-14b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -57,6 +58,13 @@ TRAIN=("$PYTHON" -m megatron_qwen.train
   --save-dir "$SAVE_DIR"
   "$@")
 
+# The exit status of background process $1. Its `wait` returns early whenever a trap fires: wait again until the
+# process has really ended.
+wait_through_traps() {
+  while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done
+  wait "$1"
+}
+
 # SLURM_STEP_ID is unset or 4294967294 (SLURM's id of the batch step) in the batch script, a step number in srun
 if [[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "4294967294" && "${SLURM_STEP_ID}" != "batch" ]]; then
   # one task of an srun step: the trainer reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST
@@ -70,15 +78,22 @@ elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
   trap 'preempted=1; if [[ -n $step ]]; then kill -USR1 "$step" 2>/dev/null || true; fi' USR1
   srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@" &
   step=$!
-  # `wait` returns early when the trap fires; wait again until the step has really ended
-  while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
   status=0
-  wait "$step" || status=$?
+  wait_through_traps "$step" || status=$?
   if [[ $preempted == 1 && $status == 0 ]]; then
     echo "saved after the time-limit warning; requeueing job $SLURM_JOB_ID to resume"
     scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit the same job again to resume" >&2
   fi
   exit "$status"
 else
-  exec torchrun --standalone --nproc-per-node "${GPUS_PER_NODE:-8}" "${TRAIN[@]:1}"
+  # torchrun passes a SIGTERM on to the trainers but kills them 30 seconds later (the releases before
+  # --shutdown-timeout always do), too soon for a large save. So this script takes SIGTERM and SIGUSR1 itself and
+  # sends SIGUSR1 to the trainer processes alone (torchrun's children): they save and exit 0, and torchrun with
+  # them. Before the trainers exist, torchrun itself gets the SIGTERM: nothing has trained yet.
+  launcher=""
+  trap 'if [[ -n $launcher ]]; then pkill -USR1 -P "$launcher" || kill -TERM "$launcher" 2>/dev/null || true; fi' \
+    TERM USR1
+  torchrun --standalone --nproc-per-node "${GPUS_PER_NODE:-8}" "${TRAIN[@]:1}" &
+  launcher=$!
+  wait_through_traps "$launcher" || exit $?
 fi

@@ -5,8 +5,9 @@
     srun python -m megatron_qwen.train ...                               # under SLURM (one task per GPU)
 
 ``--help`` lists every setting (training/config.py); a recipe file sets many at once and flags override it.
-Exit status: 0 when the run finished or saved and stopped on SIGTERM/SIGUSR1; 2 for a configuration,
-dataset or checkpoint that cannot be used; 3 when the loss or gradient norm stopped being finite.
+Exit status: 0 when the run finished or stopped on SIGTERM/SIGUSR1 (after saving; a signal during start-up
+stops it before any update, with nothing new to save); 2 for a configuration, dataset or checkpoint that
+cannot be used; 3 when the loss or gradient norm stopped being finite.
 """
 from __future__ import annotations
 
@@ -39,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         stopped = trainer.train()
         if stopped != "done":
-            trainer.reporter.print(
-                f"stopped by {stopped} at iteration {trainer.iteration} after saving; run the same command to resume"
-            )
+            trainer.reporter.print(trainer.stop_message(stopped))
         return 0
     except USAGE_ERRORS as error:
         print(f"train: error (rank {_rank()}): {error}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Checkpoints of the trainer on 4 CPU processes: stop-and-resume is bit-exact with dropout 0.1 and the
 distributed optimizer on torch AdamW; a resume at another TP/PP layout and micro-batch size continues within
-float32 tolerance; SIGTERM saves and exits (before a validation due at that update); a NaN loss stops
-without a new checkpoint.
+float32 tolerance; SIGTERM saves and exits (before a validation due at that update), and during start-up exits
+before any update, saving nothing; a NaN loss stops without a new checkpoint.
 
 Each is checked for packed rows (``--rows pack``) and for the trainer's default, ``--rows padfree``, whose
 number of rows and micro-batches changes from update to update and, on the other layout, follows the new
@@ -39,10 +39,13 @@ def runs(tmp_path_factory):
     plan = []
     for rows in ROWS:
         plan += [
-            # saves by the clock after every update (keep_last 2): saving must not change the updates either
-            run(rows, "full", dropout=0.1, save_interval_minutes=1e-6),
+            # pack: saves by the clock after every update (keep_last 2): saving must not change the updates either
+            run(rows, "full", dropout=0.1, save_interval_minutes=1e-6 if rows == "pack" else None),
             run(rows, "stopped", env={SIGTERM_AT: 3}, dropout=0.1),
+            # a signal during the start-up of the resume: it stops before any update and must change nothing
+            run(rows, "signalled_while_resuming", save_dir="stopped", env={SIGTERM_AT: 3}, dropout=0.1),
             run(rows, "resumed", save_dir="stopped", dropout=0.1),
+            run(rows, "signalled_while_starting", env={SIGTERM_AT: 0}),
             run(rows, "full_no_dropout"),
             run(rows, "stopped_no_dropout", env={SIGTERM_AT: 3}),
             run(rows, "relayout", save_dir="stopped_no_dropout", tensor_parallel=1, pipeline_parallel=2,
@@ -69,6 +72,15 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(mode):
     results, work = mode
     assert results["stopped"]["ended"] == "SIGTERM"
     assert results["stopped_no_dropout"]["ended"] == "SIGTERM"
+
+
+def test_a_signal_during_start_up_stops_before_any_update_without_saving(mode):
+    results, work = mode
+    assert results["signalled_while_starting"]["ended"] == "SIGTERM"
+    assert layout.list_iterations(work / "signalled_while_starting") == []
+    assert not (work / "signalled_while_starting" / "tensorboard" / "metrics.jsonl").read_text()
+    # and the resume it interrupted continues bit-exactly: test_resume_is_bit_exact_... below
+    assert results["signalled_while_resuming"]["ended"] == "SIGTERM"
 
 
 def test_a_stop_at_a_validation_update_saves_without_validating(mode):
@@ -140,8 +152,8 @@ def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
     results, work = mode
     # keep_last 2: the stopped run saved 3, then 6 on resume
     assert layout.list_iterations(work / "stopped") == [3, 6]
-    # --save-interval-minutes: the full run saved after every update, not only at the end
-    assert layout.list_iterations(work / "full") == [5, 6]
+    # --save-interval-minutes (pack only): the full run saved after every update, not only at the end
+    assert layout.list_iterations(work / "full") == ([5, 6] if work.name == "pack" else [6])
     from megatron_qwen.checkpoint.convert import mcore_to_hf
 
     exported = mcore_to_hf(work / "stopped", tmp_path / "hf")

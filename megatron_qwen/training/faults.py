@@ -2,7 +2,8 @@
 
 - ``MEGATRON_QWEN_NAN_AT_ITERATION=K``: the loss of update ``K`` becomes NaN (through its gradients too).
 - ``MEGATRON_QWEN_SIGTERM_AT_ITERATION=K``: global rank 0 sends itself SIGTERM after update ``K``, as a
-  scheduler's preemption would (only one rank receives it, which also exercises the all-reduced decision).
+  scheduler's preemption would (only one rank receives it, which also exercises the all-reduced decision);
+  ``K`` equal to the iteration the run starts at sends it at the end of the trainer's start-up.
 """
 from __future__ import annotations
 

@@ -122,6 +122,10 @@ class Trainer:
             seed=training.seed,
             timeout_minutes=parallel.distributed_timeout_minutes,
         )
+        # before the start-up's long parts (a large checkpoint loads for minutes): a preemption signal during them
+        # then stops the run cleanly instead of killing it, which a requeueing launcher would take for a failure
+        self.stop = StopRequest(device())
+        self.last_saved: int | None = None
         self.world_size = torch.distributed.get_world_size()
         num_micro_batches = config.num_micro_batches(self.world_size)
         self.row_multiple = config.row_multiple(self.world_size)
@@ -174,6 +178,7 @@ class Trainer:
         )
         for warning in self.samples.rendering_warnings():
             self.reporter.print(f"warning: {warning}")
+        faults.maybe_signal(self.iteration)
 
     def run_length(self) -> tuple[int, int]:
         """(updates, warmup updates) of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that
@@ -254,6 +259,7 @@ class Trainer:
             checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
             self.tokenizer, self.chat_settings, checkpoint.keep_last,
         )
+        self.last_saved = self.iteration
         self.reporter.print(f"iteration {self.iteration} | saved {path}")
 
     def validate(self) -> None:
@@ -268,7 +274,9 @@ class Trainer:
     def train(self) -> str:
         """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
         training, checkpoint = self.config.training, self.config.checkpoint
-        stop, clock = StopRequest(device()), SaveClock(checkpoint.save_interval_minutes)
+        stop, clock = self.stop, SaveClock(checkpoint.save_interval_minutes)
+        if stop.agreed(save_due=False)[0]:  # signalled during start-up: the state is the loaded one, nothing to save
+            return stop.received or "signal on another rank"
         while self.iteration < self.train_steps:
             rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
             micro_batches = self._micro_batches(rows)
@@ -298,6 +306,15 @@ class Trainer:
                 self.save()
                 clock.reset()
         return "done"
+
+    def stop_message(self, reason: str) -> str:
+        """The last log line of a run stopped by ``reason`` (a signal): what it saved, and how to go on."""
+        where = f"stopped by {reason} at iteration {self.iteration}"
+        if self.last_saved == self.iteration:
+            return f"{where} after saving; run the same command to resume"
+        if not self.config.checkpoint.save_dir:
+            return f"{where} without saving (no --save-dir)"
+        return f"{where}, during start-up, before any update: nothing new to save; run the same command to resume"
 
     def close(self) -> None:
         self.reporter.close()
