@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Supervised finetuning of Qwen-14B with the Qwen technical report's recipe (section 3.1.2), on 8 H100 80GB.
 # The same file runs three ways:
-#   bash examples/sft_qwen_14b.sh [flags]     one node, torchrun with 8 processes (GPUS_PER_NODE to change)
+#   bash examples/sft_qwen_14b.sh [flags]     torchrun, one process per GPU (GPUS_PER_NODE to change), one node;
+#                                             or NNODES nodes: run it on each with NODE_RANK (0 to NNODES-1)
+#                                             and the same MASTER_ADDR (node 0's address) and MASTER_PORT
 #   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
 #                                             rank, world size and rendezvous come from SLURM's variables
 #   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
@@ -93,7 +95,14 @@ else
   launcher=""
   trap 'if [[ -n $launcher ]]; then pkill -USR1 -P "$launcher" || kill -TERM "$launcher" 2>/dev/null || true; fi' \
     TERM USR1
-  torchrun --standalone --nproc-per-node "${GPUS_PER_NODE:-8}" "${TRAIN[@]:1}" &
+  if [[ ${NNODES:-1} -gt 1 ]]; then
+    nodes=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK (0 to NNODES-1) on each node}"
+      --master-addr "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 on every node}"
+      --master-port "${MASTER_PORT:-29500}")
+  else
+    nodes=(--standalone)
+  fi
+  torchrun "${nodes[@]}" --nproc-per-node "${GPUS_PER_NODE:-gpu}" "${TRAIN[@]:1}" &
   launcher=$!
   wait_through_traps "$launcher" || exit $?
 fi

@@ -4,8 +4,9 @@ Under torchrun (one node): a SIGTERM to the script, as a pod's termination notic
 at the end of their update and the script exit 0. (torchrun left to itself would kill them 30 seconds after
 passing the signal on, and exit 1 with a traceback even when they saved in time.) Then under SLURM, with
 stand-ins for ``srun`` and ``scontrol`` (no cluster here): the batch script resumes from that checkpoint, passes
-the time-limit warning (SIGUSR1) on to its tasks, which save, and requeues the job.
-Both runs override the 14B recipe with ``--recipe``: the fixtures' tiny model, fp32, 32-token rows.
+the time-limit warning (SIGUSR1) on to its tasks, which save, and requeues the job. And two "nodes" (two
+launches of the script, NODE_RANK 0 and 1) join one torchrun job.
+All runs override the 14B recipe with ``--recipe``: the fixtures' tiny model, fp32, 32-token rows.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ echo "$*" >> "$SCONTROL_LOG"
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory):
+def setting(tmp_path_factory):
+    """(the environment the script runs in, a recipe file in place of the 14B one, a folder to work in)."""
     data = fixture_dir(tmp_path_factory, run_python)
     work = tmp_path_factory.mktemp("launch")
     recipe = work / "recipe.json"
@@ -56,52 +58,71 @@ def launches(tmp_path_factory):
         "train_steps": 1000, "warmup_steps": 1, "lr": 1e-3, "dropout": 0.0, "eval_interval": 0, "log_interval": 1,
         "save_interval": 1000, "pad_token_id": VOCAB - 1,
     }))
+    env = {
+        **_worker_env(), "DATA": str(data / "plain"), "PRETRAINED": str(data / "start"), "SAVE_DIR": str(work / "save"),
+        "PYTHON": sys.executable, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
+    return env, recipe, work
+
+
+@pytest.fixture(scope="module")
+def launches(setting):
+    """How the torchrun launch stopped by SIGTERM ended, and then the SLURM one that resumed its checkpoint."""
+    env, recipe, work = setting
     standins = work / "bin"
     standins.mkdir()
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (standins / name).write_text(text)
         (standins / name).chmod(0o755)
-    env = {
-        **_worker_env(), "DATA": str(data / "plain"), "PRETRAINED": str(data / "start"), "SAVE_DIR": str(work / "save"),
-        "PYTHON": sys.executable, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-    }
     torchrun = launch(work / "torchrun", {**env, "GPUS_PER_NODE": "2"}, signal.SIGTERM, recipe)
     slurm = {
         **env, "PATH": f"{standins}{os.pathsep}{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
         "SLURM_NODELIST": "localhost", "MASTER_PORT": str(free_port()), "SCONTROL_LOG": str(work / "scontrol.log"),
     }
-    return torchrun, launch(work / "slurm", slurm, signal.SIGUSR1, recipe), work
+    return torchrun, launch(work / "slurm", slurm, signal.SIGUSR1, recipe)
 
 
-def launch(output: Path, env: dict, stop_signal: signal.Signals, recipe: Path) -> dict:
-    """Runs the script until its trainers have logged an update, sends it ``stop_signal``, and returns how it
-    ended, its output, and the iterations its updates took."""
-    metrics = Path(env["SAVE_DIR"]) / "tensorboard" / "metrics.jsonl"
-    before = len(step_records(env["SAVE_DIR"])) if metrics.exists() else 0
+def start(output: Path, env: dict, *flags: str) -> subprocess.Popen:
+    """The script, started with ``flags`` in its own session, its output going to ``output``.out and .err."""
     with open(f"{output}.out", "w") as stdout, open(f"{output}.err", "w") as stderr:
-        script = subprocess.Popen(
-            ["bash", "examples/sft_qwen_14b.sh", "--recipe", str(recipe)], cwd=REPO, env=env, stdout=stdout,
-            stderr=stderr, start_new_session=True,
+        return subprocess.Popen(
+            ["bash", "examples/sft_qwen_14b.sh", *flags], cwd=REPO, env=env, stdout=stdout, stderr=stderr,
+            start_new_session=True,
         )
-        try:
-            deadline = time.monotonic() + 240
-            while not (metrics.exists() and len(step_records(env["SAVE_DIR"])) > before):
-                assert script.poll() is None and time.monotonic() < deadline, Path(f"{output}.err").read_text()[-4000:]
-                time.sleep(0.2)
-            script.send_signal(stop_signal)
-            returncode = script.wait(timeout=240)
-        finally:
-            if script.poll() is None:
-                os.killpg(script.pid, signal.SIGKILL)
-    iterations = [record["iteration"] for record in step_records(env["SAVE_DIR"])[before:]]
+
+
+def ended(script: subprocess.Popen, output: Path, save_dir: str, before: int = 0) -> dict:
+    """How ``script`` ended: its exit status, its output, and the iterations of the updates it took."""
+    try:
+        returncode = script.wait(timeout=240)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
     return {
         "returncode": returncode, "stdout": Path(f"{output}.out").read_text(),
-        "stderr": Path(f"{output}.err").read_text(), "iterations": iterations,
+        "stderr": Path(f"{output}.err").read_text(),
+        "iterations": [record["iteration"] for record in step_records(save_dir)[before:]],
     }
 
 
-def test_sigterm_to_the_script_under_torchrun_saves_and_exits_0(launches):
-    torchrun, _, work = launches
+def launch(output: Path, env: dict, stop_signal: signal.Signals, recipe: Path) -> dict:
+    """Runs the script until its trainers have logged an update, then sends it ``stop_signal``."""
+    metrics = Path(env["SAVE_DIR"]) / "tensorboard" / "metrics.jsonl"
+    before = len(step_records(env["SAVE_DIR"])) if metrics.exists() else 0
+    script = start(output, env, "--recipe", str(recipe))
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(step_records(env["SAVE_DIR"])) > before):
+        if script.poll() is not None or time.monotonic() > deadline:
+            script.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    else:
+        script.send_signal(stop_signal)
+    return ended(script, output, env["SAVE_DIR"], before)
+
+
+def test_sigterm_to_the_script_under_torchrun_saves_and_exits_0(launches, setting):
+    (torchrun, _), (_, _, work) = launches, setting
     assert torchrun["returncode"] == 0, torchrun["stderr"][-4000:]
     stopped_at = torchrun["iterations"][-1]
     assert torchrun["iterations"] == list(range(1, stopped_at + 1))
@@ -110,8 +131,8 @@ def test_sigterm_to_the_script_under_torchrun_saves_and_exits_0(launches):
     assert "SignalException" not in torchrun["stderr"]
 
 
-def test_slurm_batch_script_resumes_saves_on_the_time_limit_warning_and_requeues(launches):
-    torchrun, slurm, work = launches
+def test_slurm_batch_script_resumes_saves_on_the_time_limit_warning_and_requeues(launches, setting):
+    (torchrun, slurm), (_, _, work) = launches, setting
     assert slurm["returncode"] == 0, slurm["stderr"][-4000:]
     resumed_from, stopped_at = torchrun["iterations"][-1], slurm["iterations"][-1]
     assert slurm["iterations"] == list(range(resumed_from + 1, stopped_at + 1))
@@ -119,3 +140,17 @@ def test_slurm_batch_script_resumes_saves_on_the_time_limit_warning_and_requeues
     assert f"stopped by SIGUSR1 at iteration {stopped_at} after saving" in slurm["stdout"]
     assert "requeueing job 4242" in slurm["stdout"]
     assert (work / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_two_nodes_under_torchrun_train_as_one_data_parallel_job(setting, tmp_path):
+    env, recipe, _ = setting
+    nodes = {**env, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+             "SAVE_DIR": str(tmp_path / "save")}
+    flags = ("--recipe", str(recipe), "--train-steps", "2")
+    scripts = [start(tmp_path / f"node{rank}", {**nodes, "NODE_RANK": str(rank)}, *flags) for rank in (0, 1)]
+    node0, node1 = [ended(script, tmp_path / f"node{rank}", nodes["SAVE_DIR"]) for rank, script in enumerate(scripts)]
+    assert node0["returncode"] == node1["returncode"] == 0, node0["stderr"][-4000:] + node1["stderr"][-4000:]
+    assert "'data_parallel': 2}" in node0["stdout"]  # the start line's layout: one process on each node
+    assert "iteration" not in node1["stdout"]  # rank 0, on node 0, logs for both
+    assert node0["iterations"] == [1, 2]
+    assert layout.list_iterations(tmp_path / "save") == [2]
