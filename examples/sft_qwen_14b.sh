@@ -83,7 +83,7 @@ elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
   status=0
   wait_through_traps "$step" || status=$?
   if [[ $preempted == 1 && $status == 0 ]]; then
-    echo "saved after the time-limit warning; requeueing job $SLURM_JOB_ID to resume"
+    echo "stopped cleanly after the time-limit warning; requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit the same job again to resume" >&2
   fi
   exit "$status"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def test_sigterm_to_the_script_under_torchrun_saves_and_exits_0(launches, settin
     stopped_at = torchrun["iterations"][-1]
     assert torchrun["iterations"] == list(range(1, stopped_at + 1))
     assert layout.list_iterations(work / "save")[0] == stopped_at
+    assert re.search(rf"iteration {stopped_at} \| saved \S+/iter_{stopped_at:07d} in \d+\.\d s\n", torchrun["stdout"])
     assert f"stopped by SIGUSR1 at iteration {stopped_at} after saving" in torchrun["stdout"]
     assert "SignalException" not in torchrun["stderr"]
 

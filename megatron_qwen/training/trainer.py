@@ -255,12 +255,14 @@ class Trainer:
             "data": self.samples.state_dict(),
             "layout": self.layout(),
         }
+        started = time.perf_counter()
         path = checkpointing.save(
             checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
             self.tokenizer, self.chat_settings, checkpoint.keep_last,
         )
         self.last_saved = self.iteration
-        self.reporter.print(f"iteration {self.iteration} | saved {path}")
+        # the time a save takes is what --save-interval-minutes and a preemption's grace period must allow for
+        self.reporter.print(f"iteration {self.iteration} | saved {path} in {time.perf_counter() - started:.1f} s")
 
     def validate(self) -> None:
         sets = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
