@@ -97,8 +97,10 @@ def ended(script: subprocess.Popen, output: Path, save_dir: str, before: int = 0
     try:
         returncode = script.wait(timeout=240)
     finally:
-        if script.poll() is None:
+        try:  # whatever of its session is left (nothing, when it ended as it should)
             os.killpg(script.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return {
         "returncode": returncode, "stdout": Path(f"{output}.out").read_text(),
         "stderr": Path(f"{output}.err").read_text(),
@@ -106,15 +108,23 @@ def ended(script: subprocess.Popen, output: Path, save_dir: str, before: int = 0
     }
 
 
+def updates_logged(save_dir: str) -> int:
+    """Updates in the run's metrics.jsonl so far, counting only lines written whole (the trainer may be writing)."""
+    metrics = Path(save_dir) / "tensorboard" / "metrics.jsonl"
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+    return sum("loss" in json.loads(line) for line in lines)
+
+
 def launch(output: Path, env: dict, stop_signal: signal.Signals, recipe: Path) -> dict:
     """Runs the script until its trainers have logged an update, then sends it ``stop_signal``."""
-    metrics = Path(env["SAVE_DIR"]) / "tensorboard" / "metrics.jsonl"
-    before = len(step_records(env["SAVE_DIR"])) if metrics.exists() else 0
+    before = updates_logged(env["SAVE_DIR"])
     script = start(output, env, "--recipe", str(recipe))
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(step_records(env["SAVE_DIR"])) > before):
-        if script.poll() is not None or time.monotonic() > deadline:
-            script.send_signal(signal.SIGKILL)
+    while updates_logged(env["SAVE_DIR"]) == before:
+        if script.poll() is not None:
+            break  # it failed: ended() says how
+        if time.monotonic() > deadline:
+            os.killpg(script.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
     else:
