@@ -7,7 +7,8 @@
 ``--help`` lists every setting (training/config.py); a recipe file sets many at once and flags override it.
 Exit status: 0 when the run finished or stopped on SIGTERM/SIGUSR1 (after saving; a signal during start-up
 stops it before any update, with nothing new to save); 2 for a configuration, dataset or checkpoint that
-cannot be used; 3 when the loss or gradient norm stopped being finite.
+cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a checkpoint could not be written
+(a full disk: the ones saved before are intact).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 
 import torch
 
+from megatron_qwen.checkpoint.layout import CheckpointSaveError
 from megatron_qwen.data.tokenizer import TokenizerError
 from megatron_qwen.platform import distributed
 from megatron_qwen.training.checkpointing import CheckpointError
@@ -22,7 +24,12 @@ from megatron_qwen.training.config import parse_config
 from megatron_qwen.training.dataset_check import DatasetMismatchError
 from megatron_qwen.training.trainer import Trainer, TrainingDiverged
 
-USAGE_ERRORS = (CheckpointError, DatasetMismatchError, TokenizerError, FileNotFoundError, ValueError)
+# exit status, and the message's first word, by the kind of failure
+FAILURES = (
+    ((CheckpointError, DatasetMismatchError, TokenizerError, FileNotFoundError, ValueError), 2, "error"),
+    ((TrainingDiverged,), 3, "diverged"),
+    ((CheckpointSaveError,), 4, "error"),
+)
 
 
 def _rank() -> int:
@@ -42,12 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         if stopped != "done":
             trainer.reporter.print(trainer.stop_message(stopped))
         return 0
-    except USAGE_ERRORS as error:
-        print(f"train: error (rank {_rank()}): {error}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingDiverged as error:
-        print(f"train: diverged (rank {_rank()}): {error}", file=sys.stderr, flush=True)
-        return 3
+    except tuple(kind for kinds, _, _ in FAILURES for kind in kinds) as error:
+        status, word = next((status, word) for kinds, status, word in FAILURES if isinstance(error, kinds))
+        print(f"train: {word} (rank {_rank()}): {error}", file=sys.stderr, flush=True)
+        return status
     finally:
         if trainer is not None:
             trainer.close()

@@ -1,11 +1,12 @@
 """The checkpoint directory layout: iteration discovery, the latest marker, pruning, the tokenizer
-manifest, atomic saves (one single-process save run), and the converter's errors for bad input."""
+manifest, atomic saves (one single-process save run), a save that fails on one of two ranks, and the converter's
+errors for bad input."""
 import json
 import sys
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, run_python, run_torchrun
 from megatron_qwen.checkpoint import layout
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -88,6 +89,20 @@ def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
     assert result["config"] == "tiny"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(result["manifest"]["files"])
     assert result["manifest"]["vocab_file"] == "tokenizer.json"
+
+
+def test_a_save_failing_on_the_writing_rank_stops_both_ranks_and_keeps_the_last_iteration(tmp_path):
+    root = tmp_path / "root"
+    run_torchrun("save_failure.py", 2, root, tmp_path / "out", timeout=120)  # no rank left waiting at a barrier
+    writer, other = (json.loads((tmp_path / f"out.{rank}.json").read_text()) for rank in (0, 1))
+    assert writer["error"].startswith(f"{root}: saving iteration 2 failed (")
+    assert "model_config.json" in writer["error"]  # the writer's own error, named
+    assert other["error"].startswith(f"{root}: saving iteration 2 failed (on another rank)")
+    for result in (writer, other):
+        assert "; the latest, iteration 1, is intact; " in result["error"]
+        assert result["error"].endswith(" GiB free on its file system")
+        assert result["entries"] == ["iter_0000001", "latest"]  # the failed save's staging folder removed
+        assert result["latest"] == 1
 
 
 def convert_error(capsys, *argv) -> str:

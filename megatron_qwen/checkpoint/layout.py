@@ -19,7 +19,8 @@ Writes are atomic from a reader's point of view: an iteration is written into
 ``iter_NNNNNNN.partial``, renamed into place once complete, and only then is ``latest`` replaced
 (by renaming a fully written temporary file). A crash or a kill during a save leaves a ``.partial``
 (or ``.old``) directory behind; the next save removes all of them, whatever their iteration, before it
-writes (a large model's leftover holds hundreds of GB, which the new save may need). Collective calls
+writes (a large model's leftover holds hundreds of GB, which the new save may need). A save that fails on any
+rank (a full disk) raises ``CheckpointSaveError`` on every rank, after removing its ``.partial``. Collective calls
 (``save_iteration``, ``load_model``) run on every rank; file-system changes are made by global rank 0 on a
 file system all ranks share.
 """
@@ -36,6 +37,7 @@ from typing import Mapping
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
@@ -195,20 +197,45 @@ def save_iteration(
         _remove_leftovers(root)
         staging.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(staging))
-    if _is_writer():
-        (staging / MODEL_CONFIG).write_text(model_config.to_json() + "\n")
-        _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
-        for name, content in (extra_files or {}).items():
-            target = staging / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
-        _replace_dir(staging, final)
-        _write_atomically(root / LATEST, f"{iteration}\n")
-        if keep_last is not None:
-            prune(root, keep_last)
-    _barrier()
+    failure = None
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(staging))
+        if _is_writer():
+            (staging / MODEL_CONFIG).write_text(model_config.to_json() + "\n")
+            _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
+            for name, content in (extra_files or {}).items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+            _replace_dir(staging, final)
+            _write_atomically(root / LATEST, f"{iteration}\n")
+            if keep_last is not None:
+                prune(root, keep_last)
+    # a full disk, a lost mount: the other ranks must stop too, not wait at a barrier (torch's distributed
+    # checkpoint reports a failed write as a BaseException of its own)
+    except (Exception, CheckpointException) as error:
+        failure = error
+    if _on_any_rank(failure is not None):
+        if _is_writer():
+            shutil.rmtree(staging, ignore_errors=True)  # the space it holds may be what the next attempt needs
+        raise CheckpointSaveError(_save_failure(root, iteration, failure)) from failure
     return final
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank; raised on every rank. The iterations saved before are intact."""
+
+
+def _save_failure(root: Path, iteration: int, error: BaseException | None) -> str:
+    if error is None or (isinstance(error, CheckpointException) and not error.failures):
+        cause = "on another rank"
+    else:  # the last line of a write error's text names it (the rest is a traceback of the writer's thread)
+        lines = str(error).strip().splitlines()
+        cause = lines[-1] if lines else type(error).__name__
+    latest = latest_iteration(root)
+    kept = "no earlier iteration is there" if latest is None else f"the latest, iteration {latest}, is intact"
+    free = shutil.disk_usage(root).free / 2**30
+    return f"{root}: saving iteration {iteration} failed ({cause}); {kept}; {free:.1f} GiB free on its file system"
 
 
 def load_model(model: torch.nn.Module, iteration_dir: str | Path) -> None:
@@ -278,3 +305,13 @@ def _is_writer() -> bool:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (collective; also serves as the barrier that ends a save)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"
+    flags = torch.tensor([float(flag)], device=torch.cuda.current_device() if nccl else "cpu")
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags.item())
