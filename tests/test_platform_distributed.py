@@ -1,13 +1,16 @@
 """Distributed start-up (``platform/distributed.py``): the collective timeout the trainer's
-``--distributed-timeout-minutes`` sets.
+``--distributed-timeout-minutes`` sets, and the port a single process or a launcher's rendezvous takes.
 
 A rank that is late by more than the timeout must make the waiting rank's collective fail after about the
 timeout, in megatron's groups and in the world group (where checkpoint saves wait); were the setting lost,
 torch's or megatron's defaults (10 or 30 minutes) would keep it waiting until the late rank left.
 """
 import json
+import random
+import socket
 
 from conftest import run_torchrun
+from megatron_qwen.platform.distributed import free_port
 
 TIMEOUT_MINUTES = 0.05  # 3 s; the late rank stays away 12 s (tests/workers/distributed_timeout.py)
 
@@ -20,3 +23,14 @@ def test_a_late_rank_fails_the_collectives_after_the_configured_timeout(tmp_path
     for name, outcome in findings.items():
         assert outcome["failed"], name
         assert 0.8 * TIMEOUT_MINUTES * 60 < outcome["seconds"] < 9.0, (name, outcome)
+
+
+def test_free_ports_are_bindable_below_the_ephemeral_range_and_leave_the_seeded_generator_alone():
+    random.seed(7)
+    expected = random.random()
+    random.seed(7)
+    ports = [free_port() for _ in range(20)]
+    assert random.random() == expected
+    assert all(20000 <= port < 32768 for port in ports) and len(set(ports)) > 1
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[0]))

@@ -49,13 +49,12 @@ def launched() -> bool:
 
 def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     """Runs this script under torchrun with TP x PP processes; returns its exit status."""
-    from megatron_qwen.platform.distributed import free_port
-
     env = {**os.environ}
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.tp * args.pp),
-               "--master-port", str(free_port()), os.path.abspath(__file__), *argv]
+    # --standalone: torchrun binds its own free port and keeps it (a port found free beforehand may be taken by then)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.tp * args.pp), os.path.abspath(__file__), *argv]
     return subprocess.run(command, env=env).returncode
 
 

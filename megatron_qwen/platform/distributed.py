@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import re
 import socket
 
@@ -103,7 +104,16 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port that was free on this host a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port that was free on this host a moment ago, chosen below Linux's ephemeral range (32768 and up by
+    default), from which the kernel takes the source ports of outgoing connections: gloo opens many, and one of
+    them could take a port found free there before the rendezvous binds it."""
+    draw = random.Random()  # its own generator: the run's seeded global one must not advance
+    for _ in range(100):
+        port = draw.randrange(20000, 32768)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free TCP port found between 20000 and 32767")
