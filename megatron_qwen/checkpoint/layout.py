@@ -201,20 +201,17 @@ def save_iteration(
     try:
         dist_checkpointing.save(sharded_state_dict, str(staging))
         if _is_writer():
-            (staging / MODEL_CONFIG).write_text(model_config.to_json() + "\n")
-            _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
-            for name, content in (extra_files or {}).items():
+            for name, content in {MODEL_CONFIG: model_config.to_json() + "\n", **(extra_files or {})}.items():
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+            _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
             _replace_dir(staging, final)
             _write_atomically(root / LATEST, f"{iteration}\n")
             if keep_last is not None:
                 prune(root, keep_last)
-    # a full disk, a lost mount: the other ranks must stop too, not wait at a barrier (torch's distributed
-    # checkpoint reports a failed write as a BaseException of its own)
-    except (Exception, CheckpointException) as error:
-        failure = error
+    except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
+        failure = error  # a full disk, a lost mount: every rank must stop, none may wait at a barrier
     if _on_any_rank(failure is not None):
         if _is_writer():
             shutil.rmtree(staging, ignore_errors=True)  # the space it holds may be what the next attempt needs
