@@ -12,12 +12,13 @@ import time
 
 import torch
 
+from megatron_qwen.training.step import device
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self.received: str | None = None
         for number in SIGNALS:
             signal.signal(number, self._record)
@@ -28,7 +29,7 @@ class StopRequest:
     def agreed(self, save_due: bool) -> tuple[bool, bool]:
         """(stop, save), the same on every rank (one collective): any rank's signal stops them all, and any rank's
         ``save_due`` (its clock, see ``SaveClock``) makes them all save."""
-        flags = torch.tensor([1.0 if self.received else 0.0, 1.0 if save_due else 0.0], device=self.device)
+        flags = torch.tensor([1.0 if self.received else 0.0, 1.0 if save_due else 0.0], device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         stop, save = flags.tolist()

@@ -33,7 +33,7 @@ from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
 from megatron_qwen.training.rows import schedule_shape
 from megatron_qwen.training.samples import SFTSamples, ceil_product, dataset_names
 from megatron_qwen.training.schedule import build_scheduler
-from megatron_qwen.training.step import ScheduleShape, device, train_step, validation_loss
+from megatron_qwen.training.step import ScheduleShape, train_step, validation_loss
 
 
 # megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd; no Transformer Engine or apex needed) and
@@ -115,6 +115,10 @@ class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
         parallel, training = config.parallel, config.training
+        # first: a preemption signal during start-up (the rendezvous waits for the last node, a large checkpoint
+        # loads for minutes) then stops the run cleanly instead of killing it, which a requeueing launcher would
+        # take for a failure
+        self.stop = StopRequest()
         distributed.initialize(
             tensor_parallel=parallel.tensor_parallel,
             pipeline_parallel=parallel.pipeline_parallel,
@@ -122,9 +126,6 @@ class Trainer:
             seed=training.seed,
             timeout_minutes=parallel.distributed_timeout_minutes,
         )
-        # before the start-up's long parts (a large checkpoint loads for minutes): a preemption signal during them
-        # then stops the run cleanly instead of killing it, which a requeueing launcher would take for a failure
-        self.stop = StopRequest(device())
         self.last_saved: int | None = None
         self.world_size = torch.distributed.get_world_size()
         num_micro_batches = config.num_micro_batches(self.world_size)
