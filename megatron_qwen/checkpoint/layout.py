@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.models.presets import QwenConfig
+from megatron_qwen.platform.distributed import on_any_rank
 
 LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
@@ -212,7 +213,8 @@ def save_iteration(
                 prune(root, keep_last)
     except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
         failure = error  # a full disk, a lost mount: every rank must stop, none may wait at a barrier
-    if _on_any_rank(failure is not None):
+    (failed,) = on_any_rank(failure is not None)  # also the barrier that ends a save
+    if failed:
         if _is_writer():
             shutil.rmtree(staging, ignore_errors=True)  # the space it holds may be what the next attempt needs
         raise CheckpointSaveError(_save_failure(root, iteration, failure)) from failure
@@ -302,13 +304,3 @@ def _is_writer() -> bool:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _on_any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank (collective; also serves as the barrier that ends a save)."""
-    if not torch.distributed.is_initialized():
-        return flag
-    nccl = torch.distributed.get_backend() == "nccl"
-    flags = torch.tensor([float(flag)], device=torch.cuda.current_device() if nccl else "cpu")
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags.item())

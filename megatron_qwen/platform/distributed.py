@@ -77,6 +77,16 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
+def on_any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, set when it is set on any rank (one all-reduce; collective). A single process has only its own."""
+    if not torch.distributed.is_initialized():
+        return flags
+    nccl = torch.distributed.get_backend() == "nccl"
+    values = torch.tensor([float(flag) for flag in flags], device=torch.cuda.current_device() if nccl else "cpu")
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(value) for value in values.tolist())
+
+
 def _launch_environment() -> tuple[int, int, int]:
     """Returns (rank, world size, local rank) and fills MASTER_ADDR/MASTER_PORT where needed."""
     env = os.environ

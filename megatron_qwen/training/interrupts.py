@@ -10,9 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-
-from megatron_qwen.training.step import device
+from megatron_qwen.platform.distributed import on_any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -26,14 +24,15 @@ class StopRequest:
     def _record(self, number, frame) -> None:
         self.received = signal.Signals(number).name
 
+    @property
+    def reason(self) -> str:
+        """Why the run stops: this rank's signal, or another rank's."""
+        return self.received or "signal on another rank"
+
     def agreed(self, save_due: bool) -> tuple[bool, bool]:
         """(stop, save), the same on every rank (one collective): any rank's signal stops them all, and any rank's
         ``save_due`` (its clock, see ``SaveClock``) makes them all save."""
-        flags = torch.tensor([1.0 if self.received else 0.0, 1.0 if save_due else 0.0], device=device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        stop, save = flags.tolist()
-        return bool(stop), bool(save)
+        return on_any_rank(self.received is not None, save_due)
 
 
 class SaveClock:

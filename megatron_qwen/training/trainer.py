@@ -279,7 +279,7 @@ class Trainer:
         training, checkpoint = self.config.training, self.config.checkpoint
         stop, clock = self.stop, SaveClock(checkpoint.save_interval_minutes)
         if stop.agreed(save_due=False)[0]:  # signalled during start-up: the state is the loaded one, nothing to save
-            return stop.received or "signal on another rank"
+            return stop.reason
         while self.iteration < self.train_steps:
             rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
             micro_batches = self._micro_batches(rows)
@@ -301,7 +301,7 @@ class Trainer:
             if stopping:
                 if checkpoint.save_dir:
                     self.save()
-                return stop.received or "signal on another rank"
+                return stop.reason
             last = self.iteration == self.train_steps
             if training.eval_interval and (self.iteration % training.eval_interval == 0 or last):
                 self.validate()
