@@ -12,6 +12,7 @@ clock.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -179,6 +180,10 @@ class Trainer:
         )
         for warning in self.samples.rendering_warnings():
             self.reporter.print(f"warning: {warning}")
+        # torch's and megatron-core's imports, the model and the optimizer leave about half a million objects that live
+        # as long as the run; every full collection of the cyclic garbage collector would rescan them (a pause
+        # on one rank that the others wait for at the next collective). They are moved out of its sight.
+        gc.freeze()
         faults.maybe_signal(self.iteration)
 
     def run_length(self) -> tuple[int, int]:
@@ -321,3 +326,4 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.close()
+        gc.unfreeze()  # a later trainer in this process (tests, the benchmark) may leave this one's cycles to collect

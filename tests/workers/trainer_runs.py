@@ -4,9 +4,11 @@ Usage: torchrun --nproc-per-node N trainer_runs.py PLAN_JSON RESULT_JSON
 
 PLAN_JSON is a list of runs: ``{"name", "flags": [...], "env": {VAR: value}}``. Each run builds a fresh
 ``Trainer`` from the flags (megatron's parallel groups are rebuilt, the process group is kept) and records
-on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message. Metrics come from
-the runs' own metrics.jsonl files, which the test reads.
+on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message, and how many objects
+the garbage collector had frozen once the trainer was built and after it closed. Metrics come from the runs' own
+metrics.jsonl files, which the test reads.
 """
+import gc
 import json
 import os
 import sys
@@ -19,18 +21,21 @@ def run(flags, env):
     from megatron_qwen.training.trainer import Trainer
 
     os.environ.update({name: str(value) for name, value in env.items()})
-    trainer = None
+    trainer, result = None, {}
     try:
         trainer = Trainer(parse_config(flags))
-        return {"ended": trainer.train()}
+        result["frozen_while_training"] = gc.get_freeze_count()
+        result["ended"] = trainer.train()
     except Exception as error:  # recorded for the test to check
-        return {"ended": type(error).__name__, "message": str(error)}
+        result.update(ended=type(error).__name__, message=str(error))
     finally:
         for name in env:
             os.environ.pop(name, None)
         if trainer is not None:
             trainer.close()
+            result["frozen_after_close"] = gc.get_freeze_count()
         parallel_state.destroy_model_parallel()
+    return result
 
 
 def main(plan_path, result_path):
