@@ -14,43 +14,54 @@ from __future__ import annotations
 
 import sys
 
-import torch
+from megatron_qwen.training.interrupts import StopRequest
 
-from megatron_qwen.checkpoint.layout import CheckpointSaveError
-from megatron_qwen.data.tokenizer import TokenizerError
-from megatron_qwen.platform import distributed
-from megatron_qwen.training.checkpointing import CheckpointError
-from megatron_qwen.training.config import parse_config
-from megatron_qwen.training.dataset_check import DatasetMismatchError
-from megatron_qwen.training.trainer import Trainer, TrainingDiverged
 
-# exit status, and the message's first word, by the kind of failure
-FAILURES = (
-    ((CheckpointError, DatasetMismatchError, TokenizerError, FileNotFoundError, ValueError), 2, "error"),
-    ((TrainingDiverged,), 3, "diverged"),
-    ((CheckpointSaveError,), 4, "error"),
-)
+def _failures() -> tuple:
+    """Exit status, and the message's first word, by the kind of failure."""
+    from megatron_qwen.checkpoint.layout import CheckpointSaveError
+    from megatron_qwen.data.tokenizer import TokenizerError
+    from megatron_qwen.training.checkpointing import CheckpointError
+    from megatron_qwen.training.dataset_check import DatasetMismatchError
+    from megatron_qwen.training.trainer import TrainingDiverged
+
+    return (
+        ((CheckpointError, DatasetMismatchError, TokenizerError, FileNotFoundError, ValueError), 2, "error"),
+        ((TrainingDiverged,), 3, "diverged"),
+        ((CheckpointSaveError,), 4, "error"),
+    )
 
 
 def _rank() -> int:
+    import torch
+
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything else: torch and megatron-core take seconds to import, on every rank at once, and a preemption
+    # signal meanwhile would kill a process that a requeueing launcher then takes for a failure. Recorded, it stops
+    # the run at the end of its start-up.
+    stop = StopRequest()
+    from megatron_qwen.platform import distributed
+    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.training.trainer import Trainer
+
     try:
         config = parse_config(argv)
     except ValueError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
+    failures = _failures()
     trainer = None
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, stop)
         stopped = trainer.train()
         if stopped != "done":
             trainer.reporter.print(trainer.stop_message(stopped))
         return 0
-    except tuple(kind for kinds, _, _ in FAILURES for kind in kinds) as error:
-        status, word = next((status, word) for kinds, status, word in FAILURES if isinstance(error, kinds))
+    except tuple(kind for kinds, _, _ in failures for kind in kinds) as error:
+        status, word = next((status, word) for kinds, status, word in failures if isinstance(error, kinds))
         print(f"train: {word} (rank {_rank()}): {error}", file=sys.stderr, flush=True)
         return status
     finally:

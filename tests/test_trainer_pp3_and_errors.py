@@ -1,5 +1,7 @@
 """On 3 CPU processes: packed rows equal padded rows at pipeline size 3 (a middle stage exists) with 2-row
-micro-batches; and every kind of unusable checkpoint or dataset stops the run with its own message.
+micro-batches; and every kind of unusable checkpoint or dataset stops the run with its own message. And the
+command line: a bad checkpoint exits 2, and a preemption signal while torch is still importing stops the run
+cleanly.
 
 The ``pairs`` dataset holds conversations of exactly 16 tokens, so a 32-position packed row holds exactly two
 and 4 packed rows hold the same 8 conversations, in the same order, as 8 padded rows: the same supervised
@@ -104,3 +106,32 @@ def test_the_command_line_reports_a_bad_pretrained_checkpoint_and_exits_2(tmp_pa
     assert result.returncode == 2
     assert f"--pretrained-checkpoint {tmp_path / 'missing'}: checkpoint directory" in result.stderr
     assert not (tmp_path / "save").exists()  # nothing started from random weights
+
+
+# Runs the trainer's command line with SIGTERM sent to itself at the moment torch starts importing (the seconds
+# every rank spends importing torch and megatron-core, where a scheduler's notice lands as well as anywhere)
+SIGNAL_AT_TORCH_IMPORT = """
+import os, runpy, signal, sys
+
+class SignalAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SignalAtTorch())
+runpy.run_module("megatron_qwen.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_signal_while_torch_imports_stops_the_run_cleanly_before_any_update(tmp_path_factory, tmp_path):
+    data = fixture_dir(tmp_path_factory, run_python)
+    flags = run_args(str(data / "plain"), str(data / "start"), str(tmp_path / "save"))
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, *flags], cwd=REPO, env=_worker_env(),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # not -15: the default action of SIGTERM
+    assert "stopped by SIGTERM at iteration 0, during start-up, before any update" in result.stdout
+    assert not (tmp_path / "save" / "tensorboard" / "metrics.jsonl").read_text()

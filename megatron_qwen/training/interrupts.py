@@ -4,13 +4,14 @@ due by the clock.
 The handler only records the request; ``StopRequest.agreed()`` all-reduces it (max over every rank) at the
 end of a step, together with whether a rank's ``SaveClock`` says a save is due, so all ranks stop or save at the
 same iteration even when the signal reached only some of them or their clocks differ.
+
+Importing this module imports nothing heavy: the trainer's entry point installs the handlers before torch and
+megatron-core import.
 """
 from __future__ import annotations
 
 import signal
 import time
-
-from megatron_qwen.platform.distributed import on_any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -32,6 +33,8 @@ class StopRequest:
     def agreed(self, save_due: bool) -> tuple[bool, bool]:
         """(stop, save), the same on every rank (one collective): any rank's signal stops them all, and any rank's
         ``save_due`` (its clock, see ``SaveClock``) makes them all save."""
+        from megatron_qwen.platform.distributed import on_any_rank  # imports torch: see the module's docstring
+
         return on_any_rank(self.received is not None, save_due)
 
 

@@ -113,13 +113,15 @@ def _tokenizer(config: RunConfig, start: checkpointing.StartPoint):
 
 
 class Trainer:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, stop: StopRequest | None = None):
+        """``stop``: the handlers of the preemption signals, if the caller installed them already (the entry point
+        does, before its imports)."""
         self.config = config
         parallel, training = config.parallel, config.training
         # first: a preemption signal during start-up (the rendezvous waits for the last node, a large checkpoint
         # loads for minutes) then stops the run cleanly instead of killing it, which a requeueing launcher would
         # take for a failure
-        self.stop = StopRequest()
+        self.stop = stop if stop is not None else StopRequest()
         distributed.initialize(
             tensor_parallel=parallel.tensor_parallel,
             pipeline_parallel=parallel.pipeline_parallel,
