@@ -184,7 +184,9 @@ class Trainer:
             self.reporter.print(f"warning: {warning}")
         # torch's and megatron-core's imports, the model and the optimizer leave about half a million objects that live
         # as long as the run; every full collection of the cyclic garbage collector would rescan them (a pause
-        # on one rank that the others wait for at the next collective). They are moved out of its sight.
+        # on one rank that the others wait for at the next collective). They are moved out of its sight, after
+        # one last collection: start-up's garbage (a loaded checkpoint's structures) would never be freed once frozen.
+        gc.collect()
         gc.freeze()
         faults.maybe_signal(self.iteration)
 

@@ -4,14 +4,26 @@ Usage: torchrun --nproc-per-node N trainer_runs.py PLAN_JSON RESULT_JSON
 
 PLAN_JSON is a list of runs: ``{"name", "flags": [...], "env": {VAR: value}}``. Each run builds a fresh
 ``Trainer`` from the flags (megatron's parallel groups are rebuilt, the process group is kept) and records
-on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message, and how many objects
-the garbage collector had frozen once the trainer was built and after it closed. Metrics come from the runs' own
-metrics.jsonl files, which the test reads.
+on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message; how many objects
+the garbage collector had frozen once the trainer was built and after it closed, and whether a reference cycle
+left unreachable just before the start-up (automatic collection paused meanwhile) was freed by then. Metrics
+come from the runs' own metrics.jsonl files, which the test reads.
 """
 import gc
 import json
 import os
 import sys
+import weakref
+
+
+class Garbage:
+    pass
+
+
+def unreachable_cycle() -> weakref.ref:
+    cycle = Garbage()
+    cycle.itself = cycle
+    return weakref.ref(cycle)
 
 
 def run(flags, env):
@@ -23,8 +35,14 @@ def run(flags, env):
     os.environ.update({name: str(value) for name, value in env.items()})
     trainer, result = None, {}
     try:
-        trainer = Trainer(parse_config(flags))
+        garbage = unreachable_cycle()
+        gc.disable()
+        try:
+            trainer = Trainer(parse_config(flags))
+        finally:
+            gc.enable()
         result["frozen_while_training"] = gc.get_freeze_count()
+        result["start_up_garbage_freed"] = garbage() is None
         result["ended"] = trainer.train()
     except Exception as error:  # recorded for the test to check
         result.update(ended=type(error).__name__, message=str(error))
