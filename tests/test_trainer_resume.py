@@ -6,8 +6,9 @@ start-up out of the garbage collector's scans.
 
 The resumes are checked for packed rows (``--rows pack``) and for the trainer's default, ``--rows padfree``,
 whose number of rows and micro-batches changes from update to update and, on the other layout, follows the new
-micro-batch size; the stops that do not depend on how rows are built, for padfree only. All runs share one torchrun launch (tests/workers/trainer_runs.py). The reference for a
-resumed run is the same run uninterrupted: its losses and gradient norms, update by update.
+micro-batch size; the stops that do not depend on how rows are built, for padfree only. All runs share one
+torchrun launch (tests/workers/trainer_runs.py). The reference for a resumed run is the same run uninterrupted:
+its losses and gradient norms, update by update.
 """
 
 import pytest
