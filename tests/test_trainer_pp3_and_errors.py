@@ -96,13 +96,17 @@ def test_unusable_inputs_stop_with_their_message(runs, name, error, message):
     assert message in ended[name]["message"]
 
 
+def run_command_line(*arguments) -> subprocess.CompletedProcess:
+    """``python ARGUMENTS`` as a launcher-less process; its status is the test's to check."""
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=300
+    )
+
+
 def test_the_command_line_reports_a_bad_pretrained_checkpoint_and_exits_2(tmp_path_factory, tmp_path):
     data = fixture_dir(tmp_path_factory, run_python)
     flags = run_args(str(data / "plain"), str(tmp_path / "missing"), str(tmp_path / "save"))
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_qwen.train", *flags], cwd=REPO, env=_worker_env(),
-        capture_output=True, text=True, timeout=300,
-    )
+    result = run_command_line("-m", "megatron_qwen.train", *flags)
     assert result.returncode == 2
     assert f"--pretrained-checkpoint {tmp_path / 'missing'}: checkpoint directory" in result.stderr
     assert not (tmp_path / "save").exists()  # nothing started from random weights
@@ -128,10 +132,7 @@ runpy.run_module("megatron_qwen.train", run_name="__main__", alter_sys=True)
 def test_a_signal_while_torch_imports_stops_the_run_cleanly_before_any_update(tmp_path_factory, tmp_path):
     data = fixture_dir(tmp_path_factory, run_python)
     flags = run_args(str(data / "plain"), str(data / "start"), str(tmp_path / "save"))
-    result = subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, *flags], cwd=REPO, env=_worker_env(),
-        capture_output=True, text=True, timeout=300,
-    )
+    result = run_command_line("-c", SIGNAL_AT_TORCH_IMPORT, *flags)
     assert result.returncode == 0, result.stderr[-3000:]  # not -15: the default action of SIGTERM
     assert "stopped by SIGTERM at iteration 0, during start-up, before any update" in result.stdout
     assert not (tmp_path / "save" / "tensorboard" / "metrics.jsonl").read_text()

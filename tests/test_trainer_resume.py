@@ -65,13 +65,16 @@ def runs(tmp_path_factory):
     return results, work
 
 
-@pytest.fixture(params=ROWS)
-def mode(request, runs):
+def regime(runs, rows):
     """One data regime's runs: (how each run ended by name, the regime's save directories)."""
     results, work = runs
-    rows = request.param
     ended = {name.split("/", 1)[1]: result for name, result in results.items() if name.startswith(f"{rows}/")}
     return ended, work / rows
+
+
+@pytest.fixture(params=ROWS)
+def mode(request, runs):
+    return regime(runs, request.param)
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits(mode):
@@ -81,13 +84,13 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(mode):
 
 
 def test_a_signal_during_start_up_stops_before_any_update_without_saving(runs):
-    results, work = runs
-    assert results["padfree/signalled_while_starting"]["ended"] == "SIGTERM"
-    assert layout.list_iterations(work / "padfree" / "signalled_while_starting") == []
-    assert not (work / "padfree" / "signalled_while_starting" / "tensorboard" / "metrics.jsonl").read_text()
+    results, work = regime(runs, "padfree")
+    assert results["signalled_while_starting"]["ended"] == "SIGTERM"
+    assert layout.list_iterations(work / "signalled_while_starting") == []
+    assert not (work / "signalled_while_starting" / "tensorboard" / "metrics.jsonl").read_text()
 
 
-def test_a_signal_during_the_start_up_of_a_resume_stops_it_without_saving(mode):
+def test_a_signal_during_the_start_up_of_a_resume_stops_it_before_any_update(mode):
     results, work = mode
     assert results["signalled_while_resuming"]["ended"] == "SIGTERM"
     # and the resume it interrupted continues bit-exactly: test_resume_is_bit_exact_... below
@@ -95,12 +98,12 @@ def test_a_signal_during_the_start_up_of_a_resume_stops_it_without_saving(mode):
 
 def test_a_stop_at_a_validation_update_saves_without_validating(runs):
     # validation every update, SIGTERM during update 2: the stop is taken before that update's validation
-    results, work = runs
-    assert results["padfree/stopped_at_validation"]["ended"] == "SIGTERM"
-    records = read_records(work / "padfree" / "stopped_at_validation" / "tensorboard" / "metrics.jsonl")
+    results, work = regime(runs, "padfree")
+    assert results["stopped_at_validation"]["ended"] == "SIGTERM"
+    records = read_records(work / "stopped_at_validation" / "tensorboard" / "metrics.jsonl")
     assert [r["iteration"] for r in records if "validation_loss" in r] == [1]
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
-    assert layout.latest_iteration(work / "padfree" / "stopped_at_validation") == 2
+    assert layout.latest_iteration(work / "stopped_at_validation") == 2
 
 
 def test_resume_is_bit_exact_with_dropout_and_the_distributed_optimizer(mode):
@@ -151,11 +154,11 @@ def test_resume_at_another_layout_continues_within_float32_tolerance(mode):
 
 
 def test_nan_loss_stops_without_a_new_checkpoint(runs):
-    results, work = runs
-    assert results["padfree/nan"]["ended"] == "TrainingDiverged"
-    assert "iteration 2: loss nan" in results["padfree/nan"]["message"]
-    assert layout.latest_iteration(work / "padfree" / "nan") == 1
-    assert layout.list_iterations(work / "padfree" / "nan") == [1]
+    results, work = regime(runs, "padfree")
+    assert results["nan"]["ended"] == "TrainingDiverged"
+    assert "iteration 2: loss nan" in results["nan"]["message"]
+    assert layout.latest_iteration(work / "nan") == 1
+    assert layout.list_iterations(work / "nan") == [1]
 
 
 def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
@@ -171,13 +174,13 @@ def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):
 
 
 def test_a_resume_with_another_schedule_is_refused_with_the_settings_that_differ(runs):
-    results, work = runs
-    assert results["padfree/longer"]["ended"] == "CheckpointError"
-    message = results["padfree/longer"]["message"]
-    assert f"cannot resume from {work / 'padfree' / 'stopped' / layout.iteration_name(STEPS)}: the learning-rate " \
-        "schedule differs" in message
+    results, work = regime(runs, "padfree")
+    assert results["longer"]["ended"] == "CheckpointError"
+    message = results["longer"]["message"]
+    assert f"cannot resume from {work / 'stopped' / layout.iteration_name(STEPS)}: the learning-rate schedule " \
+        "differs" in message
     assert f"updates (--train-steps, --train-epochs): checkpoint {STEPS}, now {STEPS + 2}" in message
-    assert layout.list_iterations(work / "padfree" / "stopped") == [STOP, STEPS]  # nothing written
+    assert layout.list_iterations(work / "stopped") == [STOP, STEPS]  # nothing written
 
 
 def test_a_run_keeps_its_start_up_objects_out_of_the_garbage_collectors_scans(runs):

@@ -26,6 +26,18 @@ def unreachable_cycle() -> weakref.ref:
     return weakref.ref(cycle)
 
 
+def build_watched(trainer_class, config):
+    """The trainer, and whether a cycle left unreachable just before its start-up was freed by its end (automatic
+    collection paused meanwhile, so that only the trainer's own collection can free it)."""
+    garbage = unreachable_cycle()
+    gc.disable()
+    try:
+        trainer = trainer_class(config)
+    finally:
+        gc.enable()
+    return trainer, garbage() is None
+
+
 def run(flags, env):
     from megatron.core import parallel_state
 
@@ -35,14 +47,8 @@ def run(flags, env):
     os.environ.update({name: str(value) for name, value in env.items()})
     trainer, result = None, {}
     try:
-        garbage = unreachable_cycle()
-        gc.disable()
-        try:
-            trainer = Trainer(parse_config(flags))
-        finally:
-            gc.enable()
+        trainer, result["start_up_garbage_freed"] = build_watched(Trainer, parse_config(flags))
         result["frozen_while_training"] = gc.get_freeze_count()
-        result["start_up_garbage_freed"] = garbage() is None
         result["ended"] = trainer.train()
     except Exception as error:  # recorded for the test to check
         result.update(ended=type(error).__name__, message=str(error))
