@@ -78,7 +78,8 @@ class SFTSamples:
         self.pad_token_id = pad_token_id
         # training datasets first; a row's (dataset, conversation) indexes this list whatever set it comes from
         self.datasets = [ConversationDataset(prefix) for prefix in [*prefixes, *valid_prefixes]]
-        training = self.datasets[: len(prefixes)]
+        self.num_training_datasets = len(prefixes)
+        training = self.training_datasets()
         splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in training]
         self.train_ids = [train for train, _ in splits]
         held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
@@ -104,6 +105,12 @@ class SFTSamples:
             "seed": seed,
         }
 
+    def training_datasets(self) -> list[ConversationDataset]:
+        return self.datasets[: self.num_training_datasets]
+
+    def validation_only_datasets(self) -> list[ConversationDataset]:
+        return self.datasets[self.num_training_datasets :]
+
     def check(self, tokenizer_sha256: str | None, embedding_rows: int) -> None:
         """Stops with a message naming the file when a dataset does not fit the run (see dataset_check)."""
         check_datasets(self.datasets, tokenizer_sha256, embedding_rows, self.seq_length)
@@ -115,7 +122,7 @@ class SFTSamples:
     def rendering_warnings(self) -> list[str]:
         """One line per validation-only dataset rendered unlike the training data: its loss then measures other
         targets or contexts than the training loss does, which the user should know when comparing them."""
-        training, valid_only = self.datasets[: len(self.train_ids)], self.datasets[len(self.train_ids):]
+        training, valid_only = self.training_datasets(), self.validation_only_datasets()
         names = dataset_names([dataset.prefix for dataset in valid_only])
         return [
             f"validation set {name} was rendered unlike the training data: {'; '.join(differences)}"
@@ -125,7 +132,7 @@ class SFTSamples:
 
     def chat_settings(self) -> dict | None:
         """What the datasets were rendered with, for the exported chat template (``dataset_check``)."""
-        return recorded_chat_settings(self.datasets[: len(self.train_ids)])
+        return recorded_chat_settings(self.training_datasets())
 
     def next_global_batch(self, global_batch_size: int, row_multiple: int = 1) -> list[Row]:
         """The rows of the next training step (advances the data position). ``global_batch_size`` counts rows
