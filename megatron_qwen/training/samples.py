@@ -77,9 +77,8 @@ class SFTSamples:
         self.seq_length = seq_length
         self.pad_token_id = pad_token_id
         # training datasets first; a row's (dataset, conversation) indexes this list whatever set it comes from
-        self.datasets = [ConversationDataset(prefix) for prefix in [*prefixes, *valid_prefixes]]
-        self.num_training_datasets = len(prefixes)
-        training = self.training_datasets()
+        training = [ConversationDataset(prefix) for prefix in prefixes]
+        self.datasets = training + [ConversationDataset(prefix) for prefix in valid_prefixes]
         splits = [split_conversations(len(dataset), valid_fraction, dataset.prefix) for dataset in training]
         self.train_ids = [train for train, _ in splits]
         held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
@@ -106,10 +105,10 @@ class SFTSamples:
         }
 
     def training_datasets(self) -> list[ConversationDataset]:
-        return self.datasets[: self.num_training_datasets]
+        return self.datasets[: len(self.train_ids)]
 
     def validation_only_datasets(self) -> list[ConversationDataset]:
-        return self.datasets[self.num_training_datasets :]
+        return self.datasets[len(self.train_ids) :]
 
     def check(self, tokenizer_sha256: str | None, embedding_rows: int) -> None:
         """Stops with a message naming the file when a dataset does not fit the run (see dataset_check)."""
