@@ -124,6 +124,17 @@ def test_packed_model_logits_equal_each_document_alone(results):
     assert check["max_diff"] < 1e-5
 
 
+def test_packed_attention_runs_one_fused_kernel_call_per_document_and_layer(results):
+    check = results["packed_kernel_calls"]
+    assert check["documents"] >= 3
+    calls = check["calls"]
+    assert len(calls) == PRESETS["tiny"].num_layers * check["documents"]
+    assert {call["kind"] for call in calls} == {"sdpa"}
+    # SDPBackend.MATH is 0: the unfused kernel that holds the whole score matrix in float32
+    assert [call["backend"] for call in calls if call["backend"] == 0] == []
+    assert {call["dims"] for call in calls} == {4}
+
+
 def test_attention_dropout_only_in_training_and_reproducible(results):
     check = results["dropout"]
     assert check["eval_equals_no_dropout"] == 0.0

@@ -1,10 +1,11 @@
 """The two modules of ours inside the local (non-Transformer-Engine) layer spec.
 
 ``SDPAttention`` replaces megatron-core's unfused ``DotProductAttention``: it calls
-``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU, never
-an S x S score matrix in the model's memory), supports the causal mask, packed sequences in THD
-format (attention stays inside each document of the pack), grouped-query attention and attention
-dropout. ``RMSNorm`` is Qwen's RMSNorm and, unlike megatron's torch-norm fallback, works with
+``torch.nn.functional.scaled_dot_product_attention`` with 4-D ``[batch, heads, len, dim]`` inputs, the
+only shape its fused kernels (flash, memory-efficient, cuDNN) take: a 3-D call runs the math kernel,
+which holds the S x S score matrix in float32. It supports the causal mask, packed sequences in THD
+format (one call per document of the pack, so attention stays inside each), grouped-query attention
+(without repeating keys and values where the chosen kernel takes them grouped) and attention dropout. ``RMSNorm`` is Qwen's RMSNorm and, unlike megatron's torch-norm fallback, works with
 sequence parallelism.
 
 Checkpoint keys: Transformer Engine's attention and final norm carry an ``_extra_state`` entry (FP8
@@ -17,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
@@ -104,8 +106,8 @@ class SDPAttention(EmptyExtraState, MegatronModule):
         for start, length in zip(starts[:-1].tolist(), lengths.tolist()):
             pieces += self._gap(query, value, start - end)
             doc = slice(start, start + length)
-            q, k, v = (t[doc].transpose(0, 1) for t in (query, key, value))  # [h, len, d]
-            pieces.append(self._sdpa(q, k, v, mask=None, causal=causal).transpose(0, 1))
+            q, k, v = (t[doc].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, len, d]
+            pieces.append(self._sdpa(q, k, v, mask=None, causal=causal)[0].transpose(0, 1))
             end = start + length
         pieces += self._gap(query, value, query.shape[0] - end)
         return torch.cat(pieces).reshape(query.shape[0], -1)
@@ -116,20 +118,27 @@ class SDPAttention(EmptyExtraState, MegatronModule):
         return [query.new_zeros(rows, query.shape[1], value.shape[2])] if rows else []
 
     def _sdpa(self, q, k, v, mask, causal):
-        groups_per_head = q.shape[-3] // k.shape[-3]
-        if groups_per_head > 1:
-            # Repeating keys/values costs O(s * heads) memory and keeps every SDPA kernel eligible
-            # (SDPA's own enable_gqa is not supported by all of them in every torch version).
-            k, v = (t.repeat_interleave(groups_per_head, dim=-3) for t in (k, v))
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=causal,
-            scale=self.softmax_scale,
+        """``[b, heads, len, d]`` attention; keys and values may have fewer heads (grouped-query attention)."""
+        options = dict(
+            attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, is_causal=causal, scale=self.softmax_scale
         )
+        grouped = q.shape[1] != k.shape[1]
+        if grouped and not _fused_kernel_takes_groups(q, k, v, options):
+            # repeated keys/values cost O(s * heads) memory and keep the fused kernels eligible
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+            grouped = False
+        return F.scaled_dot_product_attention(q, k, v, **options, **({"enable_gqa": True} if grouped else {}))
+
+
+def _fused_kernel_takes_groups(q, k, v, options: dict) -> bool:
+    """Whether SDPA would run a fused kernel on grouped keys/values as they are (``enable_gqa``). Not every kernel
+    takes them in every torch version (e.g. CUDA's memory-efficient one for float32); where none does, SDPA would
+    fall back to the math kernel, so the caller repeats them instead. False where torch has no ``enable_gqa``."""
+    try:
+        backend = torch._fused_sdp_choice(q, k, v, **options, enable_gqa=True)
+    except TypeError:
+        return False
+    return backend != SDPBackend.MATH.value
 
 
 class RMSNorm(torch.nn.Module):

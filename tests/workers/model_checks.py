@@ -98,6 +98,39 @@ def packed_model(model):
     return {"max_diff": (packed - alone).abs().max().item(), "logit_scale": alone.abs().max().item()}
 
 
+def packed_kernel_calls(model):
+    """Every attention call of one forward over a row packing three documents, and the SDPA backend torch picks
+    for each call's own arguments (the CPU picks a fused kernel only without dropout, as here)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from torch.nn.attention import varlen
+
+    calls = []
+
+    def recorded(function, kind):
+        def call(*args, **kwargs):
+            if kind == "sdpa":
+                choice_args = {key: value for key, value in kwargs.items() if key != "attn_mask"}
+                backend = torch._fused_sdp_choice(*args, attn_mask=kwargs.get("attn_mask"), **choice_args)
+                calls.append({"kind": kind, "backend": int(backend), "dims": args[0].dim()})
+            else:
+                calls.append({"kind": kind})
+            return function(*args, **kwargs)
+        return call
+
+    entry_points = [(F, "scaled_dot_product_attention", "sdpa"), (varlen, "varlen_attn", "varlen")]
+    originals = [getattr(module, name) for module, name, _ in entry_points]
+    for (module, name, kind), original in zip(entry_points, originals):
+        setattr(module, name, recorded(original, kind))
+    try:
+        cu = torch.tensor([0, 6, 16, 19], dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=10, max_seqlen_kv=10)
+        model(torch.randint(0, 1000, (1, 19)), None, None, packed_seq_params=params)
+    finally:
+        for (module, name, _), original in zip(entry_points, originals):
+            setattr(module, name, original)
+    return {"documents": len(cu) - 1, "calls": calls}
+
+
 def dropout_behaviour(config):
     """Attention dropout acts in training mode only, and repeats under the same RNG seed."""
     from megatron.core import tensor_parallel
@@ -234,6 +267,7 @@ def main(out_path):
             "sdpa_vs_megatron": sdpa_vs_megatron(config),
             "packed_attention": packed_attention(config),
             "packed_model": packed_model(model),
+            "packed_kernel_calls": packed_kernel_calls(model),
             "dropout": dropout_behaviour(config),
             "padded_vocab": padded_vocab(tiny),
             "recompute": recompute_gradients(tiny),
