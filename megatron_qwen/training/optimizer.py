@@ -10,6 +10,8 @@
   kernel per parameter group instead of a dozen ``foreach`` passes over the state); on the CPU it leaves torch's
   default. It runs after building and again after loading a checkpoint, whose saved param groups carry the
   ``fused`` flag of the run that wrote them.
+- Without Transformer Engine or apex, gradient norm, clipping and the copy of main weights into bf16 weights run on
+  torch's ``_foreach`` ops instead of megatron's per-tensor fallbacks (``platform/multi_tensor.py``).
 - Checkpoints of the distributed optimizer use megatron's ``fully_reshardable`` format (gathered on
   data-parallel rank 0 with gloo, restored at any TP/PP/DP layout).
 
@@ -40,6 +42,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
+from megatron_qwen.platform.multi_tensor import provide_foreach_kernels
 from megatron_qwen.training.loss import require_per_token_loss
 
 DISTRIBUTED_OPTIMIZER_FORMAT = {
@@ -91,6 +94,7 @@ def build_optimizer(ddp_chunks: list, settings, precision: str, distributed_opti
     )
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     select_adam_kernel(optimizer)
+    provide_foreach_kernels()  # gradient norm and clipping without a host sync per tensor
     return optimizer
 
 
