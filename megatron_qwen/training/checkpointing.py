@@ -12,8 +12,8 @@ An iteration the trainer writes holds, next to the model weights (at the same na
 Where a run starts (``start_point``): the latest checkpoint of ``--save-dir`` when there is one (a resume:
 everything is restored, ``--pretrained-checkpoint`` is ignored), else ``--pretrained-checkpoint`` (finetune
 semantics: weights only; iteration, optimizer, schedule and data start fresh), else random weights from
-``--preset``. RNG states are restored only at the layout that saved them; at another layout each rank's
-RNG continues from the run's seed (megatron's own rule).
+``--preset``. RNG states are restored only at the layout and on the kind of device (GPU or CPU) that saved them; otherwise each
+rank's RNG continues from the run's seed (megatron's own rule for another layout).
 """
 from __future__ import annotations
 
@@ -186,8 +186,9 @@ def read_trainer_state(iteration_dir: Path) -> dict:
         ) from error
 
 
-def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict) -> dict:
-    """Model, optimizer and (at the same layout) RNG states; returns the trainer state to restore the rest."""
+def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict) -> tuple[dict, str]:
+    """Model, optimizer and (at the same layout, on the same kind of device) RNG states; returns the trainer state
+    to restore the rest, and what became of the RNG states (for the start line)."""
     trainer_state = read_trainer_state(start.iteration_dir)
     requested = model_sharded_state_dict(ddp_chunks)
     check_shapes(requested, start.iteration_dir, start.flag)
@@ -199,9 +200,9 @@ def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict
     loaded = _load(full_request, start.iteration_dir, start.flag)
     _load_model_entries(ddp_chunks, loaded, requested)
     optimizer_state.load_state_dict(optimizer, loaded[OPTIMIZER_KEY])
-    if same_layout:
-        rng.restore(loaded[rng.KEY])
-    return trainer_state
+    not_restored = rng.restore(loaded[rng.KEY]) if same_layout else "saved at another layout"
+    outcome = "RNG states restored" if not_restored is None else f"RNG from --seed ({not_restored})"
+    return trainer_state, outcome
 
 
 def save(

@@ -158,8 +158,9 @@ class Trainer:
             opt.weight_decay,
         )
         self.iteration = 0
+        rng_outcome = None
         if self.start.kind == "resume":
-            state = checkpointing.load_resume(self.chunks, self.optimizer, self.start, self.layout())
+            state, rng_outcome = checkpointing.load_resume(self.chunks, self.optimizer, self.start, self.layout())
             self.iteration = int(state["iteration"])
             try:
                 self.scheduler.load_state_dict(state["scheduler"])
@@ -174,7 +175,8 @@ class Trainer:
             train_steps=self.train_steps,
         )
         self.reporter.print(
-            f"start: {self.start.describe()} at iteration {self.iteration}; model {self.model.name}; "
+            f"start: {self.start.describe()} at iteration {self.iteration}"
+            f"{f' ({rng_outcome})' if rng_outcome else ''}; model {self.model.name}; "
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
             f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.length_plan()}; "
