@@ -34,6 +34,11 @@ class ModelSettings:
     precision: Literal["bf16", "fp32"] = setting("bf16", "parameter and compute dtype")
     fp8: bool = setting(False, "FP8 matrix multiplications through Transformer Engine")
     recompute: Literal["none", "selective", "full"] = setting("none", "activation recomputation")
+    kernel_fusions: Optional[bool] = setting(
+        None,
+        "torch.compile'd SwiGLU, bias-dropout-add and RoPE; none: on GPUs where a start-up probe compiles, off on "
+        "the CPU",
+    )
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model, transformer_config
+from megatron_qwen.models.fusions import FUSED_KERNELS, choose_kernel_fusions, compile_probe
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.platform import distributed
@@ -37,26 +38,29 @@ from megatron_qwen.training.schedule import build_scheduler
 from megatron_qwen.training.step import ScheduleShape, train_step, validation_loss
 
 
-# megatron-core's fused SwiGLU and bias-dropout-add (torch.compile'd; no Transformer Engine or apex needed) and
-# fused RoPE (Transformer Engine's kernels, else the compiled ones of models/rope.py), on by default in
-# Megatron-LM. Each replaces a few memory-bound kernels per layer with one each way; on the CPU the compilation
-# (~20 s per process) outweighs that, so they are used on GPUs only.
-FUSED_KERNELS = {"bias_activation_fusion": True, "bias_dropout_fusion": True, "apply_rope_fusion": True}
-
-
-def gpu_fusions(params_dtype: torch.dtype) -> dict:
-    """The ``TransformerConfig`` fusions for this machine, as Megatron-LM sets them by default: none on the CPU;
-    on GPUs ``FUSED_KERNELS``, and weight-gradient GEMMs that accumulate straight into the float32 ``main_grad``
-    instead of writing a bf16 gradient that DDP then adds in (``gradient_accumulation_fusion``: apex's
-    extension where it is installed, as in NGC containers, else torch's ``addmm`` where this torch build
+def model_fusions(kernel_fusions: bool, params_dtype: torch.dtype) -> dict:
+    """The ``TransformerConfig`` fusions, as Megatron-LM sets them by default: ``FUSED_KERNELS`` when
+    ``kernel_fusions`` (``models/fusions.py``), and on GPUs weight-gradient GEMMs that accumulate straight into the
+    float32 ``main_grad`` instead of writing a bf16 gradient that DDP then adds in (``gradient_accumulation_fusion``:
+    apex's extension where it is installed, as in NGC containers, else torch's ``addmm`` where this torch build
     accumulates ``params_dtype`` products into float32, see ``platform/wgrad_accumulation.py``)."""
-    if not torch.cuda.is_available():
-        return {}
-    device = torch.device("cuda", torch.cuda.current_device())
-    return {
-        **FUSED_KERNELS,
-        "gradient_accumulation_fusion": provide_wgrad_accumulation(device, params_dtype),
-    }
+    fusions = dict(FUSED_KERNELS) if kernel_fusions else {}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        fusions["gradient_accumulation_fusion"] = provide_wgrad_accumulation(device, params_dtype)
+    return fusions
+
+
+def kernel_fusions(requested: bool | None) -> tuple[bool, str]:
+    """``--kernel-fusions`` decided for this machine, the same on every rank: (on, why)."""
+    cuda = torch.cuda.is_available()
+
+    def agreed_probe() -> str | None:
+        failure = compile_probe(torch.cuda.current_device() if cuda else "cpu")
+        (anywhere,) = distributed.on_any_rank(failure is not None)
+        return failure or ("failed on another rank" if anywhere else None)
+
+    return choose_kernel_fusions(requested, "cuda" if cuda else "cpu", agreed_probe)
 
 
 def params_dtype(settings) -> torch.dtype:
@@ -68,8 +72,9 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
 
 
-def build_chunks(model, config: RunConfig) -> list:
-    """This rank's model chunks (one, or ``virtual_pipeline`` for the interleaved schedule)."""
+def build_chunks(model, config: RunConfig, fused: bool = False) -> list:
+    """This rank's model chunks (one, or ``virtual_pipeline`` for the interleaved schedule); ``fused``: with the
+    compile-based kernel fusions (``kernel_fusions``)."""
     settings, parallel = config.model, config.parallel
     impl = default_layer_impl()
     if settings.fp8 and impl != "te":
@@ -90,7 +95,7 @@ def build_chunks(model, config: RunConfig) -> list:
         calculate_per_token_loss=True,
         **recompute,
         **fp8,
-        **gpu_fusions(params_dtype(settings)),
+        **model_fusions(fused, params_dtype(settings)),
     )
     stages = parallel.virtual_pipeline or 1
     chunks = [
@@ -146,7 +151,8 @@ class Trainer:
         self.chat_settings = self.samples.chat_settings()
         self.train_steps, self.warmup_steps = self.run_length()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
-        self.chunks = wrap_ddp(build_chunks(self.model, config), parallel.distributed_optimizer)
+        fused, self.fusions_reason = kernel_fusions(config.model.kernel_fusions)
+        self.chunks = wrap_ddp(build_chunks(self.model, config, fused), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
             checkpointing.load_pretrained(self.chunks, self.start)
         self.optimizer = build_optimizer(
@@ -179,7 +185,8 @@ class Trainer:
             f"{f' ({rng_outcome})' if rng_outcome else ''}; model {self.model.name}; "
             f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
             f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
-            f"kernel fusions: {', '.join(self.fusions_in_use()) or 'none (CPU)'}; {self.length_plan()}; "
+            f"kernel fusions {self.fusions_reason}, in use: {', '.join(self.fusions_in_use()) or 'none'}; "
+            f"{self.length_plan()}; "
             f"{self.validation_plan()}"
         )
         for warning in self.samples.rendering_warnings():
@@ -237,7 +244,7 @@ class Trainer:
         )
 
     def fusions_in_use(self) -> list[str]:
-        """The ``gpu_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
+        """The ``model_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
         model_config = self.chunks[0].config
         names = (*FUSED_KERNELS, "gradient_accumulation_fusion")
         return [name for name in names if getattr(model_config, name)]

@@ -1,14 +1,13 @@
-"""Worker: megatron's optimizer with gradient clipping, on megatron's local multi-tensor fallbacks and on ours.
+"""Findings for tests/workers/optimizer_kernel.py (which runs them in its process): megatron's optimizer with
+gradient clipping, on megatron's local multi-tensor fallbacks and on ours.
 
-One process (gloo, CPU mode), the tiny preset in bf16 without the distributed optimizer (so the float32 main
+The tiny preset in bf16 without the distributed optimizer (so the float32 main
 weights are copied into the bf16 weights through the same multi-tensor path) and in float32 with it. Each
 layout builds two optimizers over the same weights: the reference runs megatron's own
 ``local_multi_tensor_l2_norm``/``local_multi_tensor_scale`` (put back in place of ours), the other runs with
 those two functions made to raise, so any call to them during its steps fails the run. Both take the same
-two updates with clipping engaged (gradients far above ``--clip-grad``). Prints one JSON line of findings.
+two updates with clipping engaged (gradients far above ``--clip-grad``).
 """
-import json
-
 import torch
 
 
@@ -27,17 +26,15 @@ def forbidden(*args, **kwargs):
     raise AssertionError("megatron's local multi-tensor fallback ran")
 
 
-def main() -> None:
+def clipping_findings() -> dict:
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
 
     from megatron_qwen.models.presets import PRESETS
-    from megatron_qwen.platform import distributed
     from megatron_qwen.training import optimizer as optimizer_state
     from megatron_qwen.training.config import RunConfig
     from megatron_qwen.training.trainer import build_chunks
 
-    distributed.initialize(seed=1)
     fallbacks = (utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale)
     fallback_code = [function.__code__ for function in fallbacks]
     findings = {}
@@ -74,9 +71,4 @@ def main() -> None:
             "max_weight_difference": (megatron_weights - our_weights).abs().max().item(),
             "weights_moved": (our_weights - initial).abs().max().item(),
         }
-    print("FINDINGS " + json.dumps(findings), flush=True)
-    distributed.destroy()
-
-
-if __name__ == "__main__":  # the guard matters: dist-checkpointing's writer re-imports the main module
-    main()
+    return findings

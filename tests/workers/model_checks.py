@@ -191,7 +191,7 @@ def fused_kernels(cfg):
 
     from megatron_qwen.models import rope
     from megatron_qwen.models.build import build_model
-    from megatron_qwen.training.trainer import FUSED_KERNELS
+    from megatron_qwen.models.fusions import FUSED_KERNELS
 
     rope_calls = {"bshd": 0, "thd": 0}
 

@@ -3,13 +3,16 @@
 One process (gloo, CPU mode), the tiny preset in float32. Three optimizers over the same starting weights and
 the same gradients: A keeps torch's default kernel, B is switched to the fused kernel by
 ``select_adam_kernel`` (torch has a fused AdamW on the CPU too, so the switch itself can run here), and C is
-a fresh fused optimizer that loads B's checkpoint after two updates. Prints one JSON line of findings.
+a fresh fused optimizer that loads B's checkpoint after two updates. Then gradient clipping (grad_clipping.py).
+Prints one JSON line of findings.
 """
 import json
 import sys
 import tempfile
 
 import torch
+
+from grad_clipping import clipping_findings
 
 
 def fill_gradients(chunks, seed: int) -> None:
@@ -86,6 +89,7 @@ def main(checkpoint_dir: str) -> None:
     update(resumed_chunks, resumed_opt, 3)
     b, c = weights(fused_chunks), weights(resumed_chunks)
     findings["resumed_max_weight_difference"] = max((b[name] - c[name]).abs().max().item() for name in b)
+    findings["clipping"] = clipping_findings()
     print("FINDINGS " + json.dumps(findings), flush=True)
     distributed.destroy()
 
