@@ -1,14 +1,13 @@
-"""``--kernel-fusions`` (``models/fusions.py``): the decision by flag, device and start-up probe, the probe itself on a
-host whose C compiler does not work, and a short CPU run with the fusions asked for."""
+"""``--kernel-fusions`` (``models/fusions.py``): the decision by flag, device and start-up probe, and the probe itself on
+a host whose C compiler does not work. (A CPU run with the fusions asked for: tests/test_tools_gpu_check.py.)"""
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, _worker_env, run_python
-from megatron_qwen.models.fusions import FUSED_KERNELS, choose_kernel_fusions
-from workers.trainer_common import fixture_dir, read_records, run_args
+from conftest import REPO, _worker_env
+from megatron_qwen.models.fusions import choose_kernel_fusions
 
 FAILURE = "InductorError: no working C++ compiler"
 
@@ -46,15 +45,3 @@ def test_the_probe_reports_a_host_without_a_working_c_compiler(tmp_path):
                             timeout=300)
     line = next(line for line in result.stdout.splitlines() if line.startswith("PROBE "))
     assert "compiler" in line.lower() and line != "PROBE None", line
-
-
-def test_a_cpu_run_with_kernel_fusions_trains_with_them(tmp_path_factory, tmp_path):
-    data = fixture_dir(tmp_path_factory, run_python)
-    flags = run_args(str(data / "plain"), str(data / "start"), str(tmp_path / "save"), kernel_fusions=True)
-    result = subprocess.run([sys.executable, "-m", "megatron_qwen.train", *flags], cwd=REPO, env=_worker_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"kernel fusions on (--kernel-fusions), in use: {', '.join(FUSED_KERNELS)};" in result.stdout
-    losses = [record["loss"] for record in read_records(tmp_path / "save" / "tensorboard" / "metrics.jsonl")
-              if "loss" in record]
-    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
