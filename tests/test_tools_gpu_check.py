@@ -3,7 +3,6 @@ fused (not math) SDPA call per packed document, the benchmark runs ours and the 
 resumed from its iteration-2 checkpoint repeats the uninterrupted run's update 3; its trainer runs use the kernel
 fusions a GPU would (``--kernel-fusions``: the suite's 1-process CPU run with them)."""
 import json
-import os
 import subprocess
 import sys
 
@@ -46,3 +45,4 @@ def test_a_resumed_run_repeats_the_uninterrupted_update_with_the_kernel_fusions(
     assert len(resume["uninterrupted"]) == 3
     assert resume["resumed_on_this_device"] == resume["uninterrupted"][2:]
     assert f"kernel fusions on (--kernel-fusions), in use: {', '.join(FUSED_KERNELS)};" in log
+    assert "at iteration 2 (RNG states restored);" in log  # saved and resumed on the same kind of device
