@@ -27,6 +27,25 @@ class DatasetFilesError(ValueError):
     """A dataset that is missing, incomplete, or does not match its stats file."""
 
 
+class OutputError(ValueError):
+    """A dataset that cannot be written where PREFIX says; the message names PREFIX and the reason."""
+
+
+def output_prefix(prefix: str | Path) -> Path:
+    """``prefix`` as a Path, once it can name files: ``OutputError`` when it ends in a path separator (the
+    files would be named after the folder and land beside it) or a folder it needs is a file."""
+    if str(prefix).endswith(("/", os.sep)):
+        raise OutputError(f"--output-prefix {prefix}: ends in a path separator; a PREFIX names the files too, "
+                          f"e.g. {prefix}chats")
+    prefix = Path(prefix)
+    folder = prefix.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"--output-prefix {prefix}: {folder} is a file, not a folder")
+    return prefix
+
+
 def text_prefix(prefix: str | Path) -> str:
     return f"{prefix}{TEXT_SUFFIX}"
 
@@ -94,16 +113,16 @@ class StagedDataset:
     def commit(self, stats: dict) -> dict:
         """Move the staged files into place, recording their sizes in the stats file written last;
         returns the stats as written."""
-        final_stats = stats_path(self.prefix)
-        final_stats.unlink(missing_ok=True)
-        stale_rejects = rejects_path(self.prefix)
-        stale_rejects.unlink(missing_ok=True)
+        final_stats, stale_rejects = stats_path(self.prefix), rejects_path(self.prefix)
         committed = [f for f in [*data_files(self.prefix), stale_rejects] if self.staged(f).exists()]
         stats = {**stats, "files": {f.name: self.staged(f).stat().st_size for f in committed}}
-        for final in committed:
-            os.replace(self.staged(final), final)
+        # written before anything under PREFIX changes: a full disk then leaves the previous dataset as it was
         staged_stats = self.staged(final_stats)
         staged_stats.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        final_stats.unlink(missing_ok=True)
+        stale_rejects.unlink(missing_ok=True)
+        for final in committed:
+            os.replace(self.staged(final), final)
         os.replace(staged_stats, final_stats)
         self.discard()
         return stats
