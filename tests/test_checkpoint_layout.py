@@ -208,6 +208,33 @@ def test_mcore_to_hf_refuses_a_format_that_cannot_hold_the_model(tmp_path, capsy
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+@pytest.mark.parametrize("content, reason", [
+    ('{"hidden_size": 64,', "Expecting property name"),
+    ("[1]", "must be a mapping"),
+    ('{"hidden_size": 64, "layers": 2}', "unexpected keyword argument"),
+])
+def test_mcore_to_hf_names_an_unreadable_model_config(tmp_path, capsys, content, reason):
+    folder = make_iteration(tmp_path / "mc", 0)
+    (folder / layout.MODEL_CONFIG).write_text(content)
+    (tmp_path / "mc" / layout.LATEST).write_text("0")
+    error = convert_error(capsys, "mcore-to-hf", "--mcore-dir", tmp_path / "mc", "--hf-dir", tmp_path / "o")
+    assert f"{folder / layout.MODEL_CONFIG}: not a model configuration (" in error and reason in error
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_trainer_state_without_what_a_resume_reads_is_named(tmp_path):
+    from megatron_qwen.training.checkpointing import CheckpointError, read_trainer_state
+
+    folder = make_iteration(tmp_path / "save", 4)
+    state = folder / "trainer_state.json"
+    state.write_text(json.dumps({"iteration": 4, "scheduler": {}, "data": {}}))  # no "layout"
+    with pytest.raises(CheckpointError, match=rf"^{state}: has no layout; it was edited"):
+        read_trainer_state(folder)
+    state.write_text("[]")
+    with pytest.raises(CheckpointError, match=rf"^{state}: has no iteration, layout, scheduler, data"):
+        read_trainer_state(folder)
+
+
 def test_mcore_to_hf_asks_which_chat_settings_when_the_training_data_had_several(tmp_path, capsys):
     from megatron_qwen.models.presets import PRESETS
 

@@ -3,12 +3,14 @@ rejects, gzip, identical output for any number of workers, and nothing under PRE
 or a SIGKILL."""
 import errno
 import gzip
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_fixtures import REPO, SAMPLES, chat, write_jsonl
 from megatron_qwen.data.chatml import ChatMLRenderer, Message, with_system_prompt
-from megatron_qwen.data.dataset_files import DatasetFilesError, read_stats
+from megatron_qwen.data import writer as writer_module
+from megatron_qwen.data.dataset_files import DatasetFilesError, OutputError, read_stats
 from megatron_qwen.data.encode import EncodeSettings
 from megatron_qwen.data.preprocess import InputError, PreprocessJob, run
 from megatron_qwen.data.tokenizer import load_tokenizer
@@ -38,6 +41,10 @@ BAD_ROWS = [  # (line as written, the reason the error must give)
     ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "b"}]}',
      "unpaired surrogate"),
     ('[1, 2]', "expected a JSON object, got list"),
+    # valid JSON that Python's json module cannot read: its RecursionError and its integer-length ValueError
+    ('{"messages": ' + "[" * 10000 + "]" * 10000 + "}", "JSON nested deeper than Python reads"),
+    ('{"messages": [{"role": "user", "content": "a", "n": ' + "9" * 5000 + '}, {"role": "assistant", "content": "b"}]}',
+     "JSON integer longer than Python reads"),
 ]
 
 
@@ -225,3 +232,96 @@ def test_cli_reports_bad_input_and_exit_status(tmp_path):
     assert done.returncode == 1
     assert f"error: {path}:2: empty conversation" in done.stderr
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("lines, overrides, message", [
+    ([], {}, "no conversations (empty input)"),
+    (["", "  "], {}, "no conversations (empty input)"),
+    ([chat(("user", "word " * 300), ("assistant", "ok"))], {"settings": EncodeSettings(seq_length=100)},
+     "of 1 read, 0 rejected and 1 dropped as longer than --seq-length 100 (--overlong truncate)"),
+    (['{"messages": []}'], {"on_error": "skip"}, "of 1 read, 1 rejected and 0 dropped"),
+])
+def test_a_run_that_would_write_no_conversation_fails_naming_the_input(tmp_path, lines, overrides, message):
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    with pytest.raises(InputError) as error:
+        run(job([path], tmp_path / "none", **overrides))
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_an_output_prefix_that_cannot_name_files_is_refused_before_anything_is_written(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=rf"^--output-prefix {tmp_path}/out/: ends in a path separator"):
+        job([path], f"{tmp_path}/out/")  # it would write out_text_document.bin beside the folder
+    for prefix in (tmp_path / "afile" / "x", tmp_path / "afile" / "deeper" / "x"):
+        with pytest.raises(OutputError, match=rf"^--output-prefix {prefix}: {tmp_path / 'afile'} is a file"):
+            job([path], prefix)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "in.jsonl"]
+
+
+def fail_at_staging_folder(monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if ".partial-" in path.name:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def fail_mid_copy(monkeypatch):
+    # the disk fills while a batch is appended: half of it lands in the staged .bin file
+    real_append = writer_module._append
+
+    def append(source, offset, count, target):
+        real_append(source, offset, count // 2, target)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer_module, "_append", append)
+
+
+def fail_at_stats_file(monkeypatch):
+    def write_text(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+@pytest.mark.parametrize("fail, reason", [
+    (fail_at_staging_folder, "Read-only file system"),
+    (fail_mid_copy, "No space left on device"),
+    (fail_at_stats_file, "No space left on device"),
+])
+def test_a_failed_write_names_the_prefix_and_leaves_the_previous_dataset(tmp_path, monkeypatch, fail, reason):
+    prefix = tmp_path / "out" / "chats"
+    run(job([SAMPLES[1]], prefix))
+    before = {name: (prefix.parent / name).read_bytes() for name in outputs_under(prefix)}
+    bigger = many_conversations(tmp_path / "many.jsonl", 200)
+    fail(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^--output-prefix {prefix}: cannot write the dataset \(.*{reason}"):
+        run(job([bigger], prefix, batch_bytes=4096))
+    monkeypatch.undo()
+    assert sorted(os.listdir(prefix.parent)) == sorted(before), "a staging folder or a new file was left"
+    assert {name: (prefix.parent / name).read_bytes() for name in before} == before
+    read_stats(prefix)
+
+
+def test_workers_are_capped_to_the_batches_of_input(tmp_path, capsys):
+    path = many_conversations(tmp_path / "few.jsonl", 20)  # one batch of work
+    run(job([path], tmp_path / "capped", workers=1000))
+    assert "--workers 1000: 1 process(es) encode, as many as there are batches of input" in capsys.readouterr().err
+    run(job([path], tmp_path / "one"))
+    assert list(dataset_bytes(tmp_path / "capped").values()) == list(dataset_bytes(tmp_path / "one").values())
+
+
+def test_cli_exits_1_naming_an_empty_input(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("preprocess_chatml", REPO / "tools" / "preprocess_chatml.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path = write_jsonl(tmp_path / "empty.jsonl", [])
+    assert tool.main(["--input", str(path), "--tokenizer", "qwen", "--output-prefix", str(tmp_path / "x"),
+                      "--no-progress"]) == 1
+    assert f"error: {path}: no conversations (empty input)" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["empty.jsonl"]

@@ -124,7 +124,7 @@ CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
      '"messages"[0] has "tool_calls" but is a user turn'),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"function": {"name": "f", "arguments": "{x: 1}"}}]}]},
-     '"messages"[0] "tool_calls"[0]["function"] "arguments" is not JSON'),
+     '"messages"[0] "tool_calls"[0]["function"] "arguments": malformed JSON'),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}]},
      '"messages"[0] "tool_calls"[0] has no "name" string'),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": 3}]}]},
@@ -133,11 +133,11 @@ CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
     ({"messages": [{"role": "tool", "content": ["a"]}, {"role": "assistant", "content": "b"}]},
      '"messages"[0] "content" is list, not a string'),
     ({"messages": [{"role": "assistant", "content": "b"}], "tools": {"name": "f"}}, '"tools" is dict, not a list'),
-    ({"messages": [{"role": "assistant", "content": "b"}], "tools": "[{"}, '"tools" is not JSON'),
+    ({"messages": [{"role": "assistant", "content": "b"}], "tools": "[{"}, '"tools": malformed JSON'),
     ({"messages": [{"role": "assistant", "content": "b"}], "tools": [{"description": "no name"}]},
      '"tools"[0] has neither "function" nor "name"'),
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "get(1)"}]},
-     '"conversations"[1] "value" is not JSON'),
+     '"conversations"[1] "value": malformed JSON'),
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": '{"arguments": {}}'}]},
      '"conversations"[1] "value"[0] has no "name" string'),
 ])

@@ -45,6 +45,10 @@ def runs(tmp_path_factory):
         # pairs: 24 conversations, 6 per update: 2 epochs are 8 updates, too few for a warmup of 8
         entry("warmup_longer_than_epochs", train_epochs=2, warmup_steps=8),
         entry("warmup_fraction_of_everything", warmup_fraction=0.9),  # of 2 updates: 2, rounded up
+        # refused once the checkpoint's model and the data are known, before the model is built
+        entry("rows_beyond_the_positions", seq_length=4096),
+        entry("heads_over_3_ranks", tensor_parallel=3),
+        entry("update_beyond_the_data", global_batch_size=27),  # pairs: 24 conversations
     ]
     ended = run_plan(run_torchrun, 3, plan, work)
     return ended, {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan[:2]}
@@ -88,6 +92,11 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
          "--warmup-steps 8 (or --warmup-fraction): must be below the run's 8 updates (--train-epochs 2.0 of 24 training conversations)"),
         ("warmup_fraction_of_everything", "ValueError",
          "--warmup-fraction 0.9 (2 updates): must be below the run's 2 updates (--train-steps 2)"),
+        ("rows_beyond_the_positions", "ValueError", "--seq-length: 4096 is above the 2048 positions of tiny-test"),
+        ("heads_over_3_ranks", "ValueError",
+         "--tensor-parallel: tiny-test's 4 num attention heads do not split evenly over 3 ranks"),
+        ("update_beyond_the_data", "ValueError",
+         "--global-batch-size 27: one update would draw more than the 24 training conversations (an epoch)"),
     ],
 )
 def test_unusable_inputs_stop_with_their_message(runs, name, error, message):

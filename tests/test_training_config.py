@@ -1,9 +1,12 @@
 """The run configuration: report defaults, generated flags, recipe files, precedence and validation."""
 import dataclasses
 import json
+import re
+import typing
 
 import pytest
 
+from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.training.config import RunConfig, build_parser, parse_config
 
 BASE = ["--data-path", "data/chat", "--preset", "tiny"]
@@ -93,12 +96,93 @@ def test_unreadable_recipe_is_named(tmp_path):
         (["--min-lr", "1e-5"], r"--min-lr: above --lr 2e-06"),
         (["--valid-fraction", "1"], r"--valid-fraction: must be in \[0, 1\)"),
         (["--distributed-timeout-minutes", "0"], r"--distributed-timeout-minutes: must be above 0, got 0.0"),
-        (["--eval-conversations", "0"], r"--eval-conversations: must be at least 1 \(or none for all\), got 0"),
+        (["--eval-conversations", "0"], r"--eval-conversations: must be at least 1, got 0"),
     ],
 )
 def test_inconsistent_flags_name_the_flag(flags, message):
     with pytest.raises(ValueError, match=message):
         parse_config(BASE + flags)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--train-epochs", "inf"], r"--train-epochs: must be finite and above 0, got inf"),
+        (["--pad-token-id", "-5"], r"--pad-token-id: must be at least 0, got -5"),
+        (["--clip-grad", "-1"], r"--clip-grad: must be at least 0, got -1.0"),
+        (["--save-interval-minutes", "nan"], r"--save-interval-minutes: must be finite and above 0, got nan"),
+        (["--save-interval-minutes", "inf"], r"--save-interval-minutes: must be finite and above 0, got inf"),
+        (["--eval-interval", "-1"], r"--eval-interval: must be at least 0, got -1"),
+        (["--data-path", "a", "b", "--data-weights", "nan", "1"], r"--data-weights: must be finite and at least 0"),
+        (["--data-path", "a", "b", "--data-weights", "1", "inf"], r"--data-weights: must be finite and at least 0"),
+        (["--data-path", "a", "b", "--data-weights", "-1", "2"], r"--data-weights: must be at least 0, got -1.0"),
+        (["--data-path", "a", "b", "--data-weights", "0", "0"], r"--data-weights: all zero"),
+        (["--lr", "nan"], r"--lr: must be finite and at least 0, got nan"),
+        (["--adam-beta2", "1"], r"--adam-beta2: must be in \[0, 1\), got 1.0"),
+        (["--adam-eps", "0"], r"--adam-eps: must be above 0, got 0.0"),
+        (["--weight-decay", "-0.1"], r"--weight-decay: must be at least 0, got -0.1"),
+        (["--seed", "-1"], r"--seed: must be in \[0, 4294967296\), got -1"),
+        (["--distributed-timeout-minutes", "inf"], r"--distributed-timeout-minutes: must be finite and above 0"),
+        (["--dropout", "nan"], r"--dropout: must be finite and in \[0, 1\), got nan"),
+        (["--pipeline-parallel", "0"], r"--pipeline-parallel: must be at least 1, got 0"),
+        (["--virtual-pipeline", "0", "--pipeline-parallel", "2"], r"--virtual-pipeline: must be at least 1, got 0"),
+    ],
+)
+def test_values_out_of_their_range_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(BASE + flags)
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = set()
+    for section in typing.get_type_hints(RunConfig).values():
+        hints = typing.get_type_hints(section)
+        for field in dataclasses.fields(section):
+            kind = hints[field.name]
+            if kind in (int, float) or re.search(r"\b(int|float)\b", repr(kind)):  # Optional[...], list[...]
+                numeric.add(field.name)
+                assert field.metadata["bounds"] is not None, f"{field.name} has no range"
+    assert {"seq_length", "clip_grad", "data_weights", "eval_conversations", "train_epochs"} <= numeric
+
+
+def test_a_range_also_applies_to_recipe_values(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"clip_grad": -1.0}))
+    with pytest.raises(ValueError, match=r"--clip-grad: must be at least 0, got -1.0"):
+        parse_config(BASE + ["--recipe", str(recipe)])
+
+
+def test_output_folders_that_are_files_are_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=rf"--save-dir: {afile} is a file, not a folder"):
+        parse_config(BASE + ["--save-dir", str(afile)])
+    with pytest.raises(ValueError, match=rf"--tensorboard-dir: {afile} is a file, not a folder"):
+        parse_config(BASE + ["--tensorboard-dir", str(afile / "runs")])
+    assert parse_config(BASE + ["--save-dir", str(tmp_path / "new" / "save")]).checkpoint.save_dir
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seq-length", "40000"], r"--seq-length: 40000 is above the 2048 positions of tiny"),
+        (["--pipeline-parallel", "3"], r"--pipeline-parallel: the 4 layers of tiny do not split evenly into 3 stages"),
+        (["--pipeline-parallel", "2", "--virtual-pipeline", "4"],
+         r"--pipeline-parallel: the 4 layers of tiny do not split evenly into 8 stages \(x --virtual-pipeline 4\)"),
+        (["--tensor-parallel", "3"], r"--tensor-parallel: tiny's 4 num attention heads do not split evenly over 3"),
+        (["--tensor-parallel", "4"], r"--tensor-parallel: tiny's 2 num query groups do not split evenly over 4"),
+    ],
+)
+def test_a_run_that_does_not_fit_the_model_names_the_flag(flags, message):
+    config = parse_config(BASE + flags)
+    with pytest.raises(ValueError, match=message):
+        config.check_model(PRESETS["tiny"])
+
+
+def test_a_run_that_fits_the_model_passes():
+    parse_config(BASE + ["--seq-length", "2048", "--pipeline-parallel", "2", "--tensor-parallel", "2"]).check_model(
+        PRESETS["tiny"]
+    )
 
 
 def test_missing_model_source_and_data_are_refused():

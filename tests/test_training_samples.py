@@ -6,6 +6,7 @@ the way the data tool writes them; expected values come from the raw token/mask 
 """
 import collections
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -342,6 +343,33 @@ def test_dataset_checks_name_the_file(tmp_path):
         SFTSamples([ok], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows=2000)
     with pytest.raises(FileNotFoundError, match="nothere_text_document.bin/.idx not found"):
         SFTSamples([str(tmp_path / "nothere")])
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda index: b"NOTANIDX!" + index[9:], "not a megatron-core index"),
+    # the sequence count (bytes 18-26, after magic, version and dtype code) one too high, one too low; a cut file.
+    # 5 conversations take 34 header bytes, 12 per sequence (length, pointer) and 8 per document (6 boundaries)
+    (lambda index: index[:18] + (int.from_bytes(index[18:26], "little") + 1).to_bytes(8, "little") + index[26:],
+     "corrupt index (version 1, 6 sequences and 6 documents, which take 154 bytes; the file has 142)"),
+    (lambda index: index[:18] + (int.from_bytes(index[18:26], "little") - 1).to_bytes(8, "little") + index[26:],
+     "corrupt index (version 1, 4 sequences and 6 documents"),
+    (lambda index: index[:-8],
+     "corrupt index (version 1, 5 sequences and 6 documents, which take 142 bytes; the file has 134)"),
+])
+def test_a_corrupt_index_is_named(tmp_path, corrupt, message):
+    prefix = write_dataset(tmp_path / "d", random_conversations(5, seed=0))
+    index = tmp_path / "d_loss_mask_document.idx"
+    index.write_bytes(corrupt(index.read_bytes()))
+    with pytest.raises(DatasetFilesError, match=rf"^{index}: {re.escape(message)}"):
+        SFTSamples([prefix], seq_length=SEQ, pad_token_id=0)
+
+
+def test_an_update_larger_than_the_training_set_is_refused(tmp_path):
+    prefix = write_dataset(tmp_path / "d", random_conversations(10, seed=0))
+    samples = SFTSamples([prefix], valid_fraction=0.2, seq_length=SEQ, pad_token_id=0)  # 8 for training
+    samples.check_global_batch(8)
+    with pytest.raises(ValueError, match=r"--global-batch-size 9: one update would draw more than the 8 training"):
+        samples.check_global_batch(9)
 
 
 def test_packed_and_padded_micro_batches_give_the_same_loss_through_the_model(tmp_path):

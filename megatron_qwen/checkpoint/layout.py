@@ -101,7 +101,10 @@ def load_config(iteration_dir: str | Path) -> QwenConfig:
     path = Path(iteration_dir) / MODEL_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; every iteration directory holds its model configuration")
-    return QwenConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return QwenConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:  # not JSON (or not UTF-8), or not the fields of a QwenConfig
+        raise ValueError(f"{path}: not a model configuration ({error})") from None
 
 
 def tokenizer_dir(iteration_dir: str | Path) -> Path:

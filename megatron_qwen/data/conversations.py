@@ -18,13 +18,13 @@ reasoning or weights, is empty, or has no assistant turn to train on.
 """
 from __future__ import annotations
 
-import json
 import re
 from itertools import groupby
 from typing import NamedTuple
 
 from megatron_qwen.data.chatml import Message
-from megatron_qwen.data.tool_calls import ToolCallError, calls_text, decode_json, responses_text, tools_block
+from megatron_qwen.data.tool_calls import (ToolCallError, UnreadableJSON, calls_text, decode_json, read_json,
+                                           responses_text, tools_block)
 
 _FORMATS = {  # list key -> (role key, content key)
     "messages": ("role", "content"),
@@ -53,9 +53,9 @@ def parse_conversation(row: bytes) -> Conversation:
     except UnicodeDecodeError as error:
         raise ConversationError(f"invalid UTF-8 at byte {error.start}") from None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConversationError(f"malformed JSON: {error.msg} at column {error.colno}") from None
+        record = read_json(text)
+    except UnreadableJSON as error:
+        raise ConversationError(str(error)) from None
     if not isinstance(record, dict):
         raise ConversationError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
+
+from megatron_qwen.platform.paths import folder_problem
 
 TEXT_SUFFIX = "_text_document"
 LOSS_MASK_SUFFIX = "_loss_mask_document"
@@ -25,6 +28,22 @@ _STAGING_MARK = ".partial-"
 
 class DatasetFilesError(ValueError):
     """A dataset that is missing, incomplete, or does not match its stats file."""
+
+
+class OutputError(ValueError):
+    """A dataset that cannot be written where PREFIX says; the message names PREFIX and the reason."""
+
+
+def output_prefix(prefix: str | Path) -> Path:
+    """``prefix`` as a Path, once it can name files: ``OutputError`` when it ends in a path separator (the
+    files would be named after the folder and land beside it) or a folder it needs is a file."""
+    if str(prefix).endswith(("/", os.sep)):
+        raise OutputError(f"--output-prefix {prefix}: ends in a path separator; a PREFIX names the files too, "
+                          f"e.g. {prefix}chats")
+    problem = folder_problem(Path(prefix).parent)
+    if problem:
+        raise OutputError(f"--output-prefix {prefix}: {problem}")
+    return Path(prefix)
 
 
 def text_prefix(prefix: str | Path) -> str:
@@ -46,6 +65,28 @@ def rejects_path(prefix: str | Path) -> Path:
 def data_files(prefix: str | Path) -> list[Path]:
     """The indexed-dataset files, in the order they are committed."""
     return [Path(p + ext) for p in (text_prefix(prefix), loss_mask_prefix(prefix)) for ext in (".bin", ".idx")]
+
+
+# megatron-core's .idx layout (indexed_dataset._IndexReader): magic, version 1, dtype code, sequence count,
+# document count; then an int32 length and an int64 pointer per sequence and an int64 index per document
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def check_index(path_prefix: str | Path) -> None:
+    """``DatasetFilesError`` naming ``PATH_PREFIX.idx`` when megatron-core could not read it: another magic or
+    version, or counts that do not fit the file's size (megatron-core fails on either with an assertion or a
+    numpy error that names nothing)."""
+    path = Path(f"{path_prefix}.idx")
+    with open(path, "rb") as file:
+        header = file.read(_INDEX_HEADER.size)
+    if len(header) < _INDEX_HEADER.size or not header.startswith(_INDEX_MAGIC):
+        raise DatasetFilesError(f"{path}: not a megatron-core index (its first bytes are not {_INDEX_MAGIC!r})")
+    _, version, _, sequences, documents = _INDEX_HEADER.unpack(header)
+    size, expected = path.stat().st_size, _INDEX_HEADER.size + sequences * 12 + documents * 8
+    if version != 1 or size != expected:
+        raise DatasetFilesError(f"{path}: corrupt index (version {version}, {sequences} sequences and {documents} "
+                                f"documents, which take {expected} bytes; the file has {size})")
 
 
 def indexed_dataset_module():
@@ -94,16 +135,16 @@ class StagedDataset:
     def commit(self, stats: dict) -> dict:
         """Move the staged files into place, recording their sizes in the stats file written last;
         returns the stats as written."""
-        final_stats = stats_path(self.prefix)
-        final_stats.unlink(missing_ok=True)
-        stale_rejects = rejects_path(self.prefix)
-        stale_rejects.unlink(missing_ok=True)
+        final_stats, stale_rejects = stats_path(self.prefix), rejects_path(self.prefix)
         committed = [f for f in [*data_files(self.prefix), stale_rejects] if self.staged(f).exists()]
         stats = {**stats, "files": {f.name: self.staged(f).stat().st_size for f in committed}}
-        for final in committed:
-            os.replace(self.staged(final), final)
+        # written before anything under PREFIX changes: a full disk then leaves the previous dataset as it was
         staged_stats = self.staged(final_stats)
         staged_stats.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        final_stats.unlink(missing_ok=True)
+        stale_rejects.unlink(missing_ok=True)
+        for final in committed:
+            os.replace(self.staged(final), final)
         os.replace(staged_stats, final_stats)
         self.discard()
         return stats

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import itertools
 import multiprocessing
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from megatron_qwen.data.dataset_files import StagedDataset
+from megatron_qwen.data.dataset_files import OutputError, StagedDataset, output_prefix
 from megatron_qwen.data.encode import BatchSummary, ConversationEncoder, EncodeSettings, Row
 from megatron_qwen.data.sources import BATCH_BYTES, InputError, read_batches
 from megatron_qwen.data.stats import DatasetStats
@@ -34,7 +36,7 @@ STATS_FORMAT = "megatron-qwen-sft-dataset/1"
 class PreprocessJob:
     inputs: Sequence[Path]
     tokenizer: str
-    output_prefix: Path
+    output_prefix: Path  # given as a str, one ending in a path separator is refused
     settings: EncodeSettings = EncodeSettings()
     workers: int = 1
     on_error: str = "fail"
@@ -42,6 +44,7 @@ class PreprocessJob:
     batch_bytes: int = BATCH_BYTES  # input bytes per unit of work sent to a worker
 
     def __post_init__(self):
+        object.__setattr__(self, "output_prefix", output_prefix(self.output_prefix))  # a str may end in "/"
         if self.on_error not in ON_ERROR:
             raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.workers < 1:
@@ -52,11 +55,27 @@ class PreprocessJob:
 
 
 def run(job: PreprocessJob) -> dict:
-    """Run ``job`` and return the stats it wrote to ``PREFIX_stats.json``."""
+    """Run ``job`` and return the stats it wrote to ``PREFIX_stats.json``. Raises ``InputError`` naming the file
+    (and line) of bad input, and ``OutputError`` naming PREFIX when the dataset cannot be written (a read-only or
+    full disk); either way nothing is left under PREFIX."""
     tokenizer = load_tokenizer(job.tokenizer)
     encoder = ConversationEncoder(tokenizer, job.settings)
+    try:
+        staging = StagedDataset(job.output_prefix)
+        try:
+            stats = _write_staged(job, encoder, staging)
+            result = {"format": STATS_FORMAT, **stats.to_dict(), "provenance": provenance(tokenizer, job.settings),
+                      "inputs": [str(p) for p in job.inputs]}
+            return staging.commit(result)
+        finally:
+            staging.discard()
+    except OSError as error:  # the inputs' own errors are InputErrors: this is the output
+        raise OutputError(f"--output-prefix {job.output_prefix}: cannot write the dataset ({error})") from None
+
+
+def _write_staged(job: PreprocessJob, encoder: ConversationEncoder, staging: StagedDataset) -> DatasetStats:
+    """Encode the inputs into ``staging``'s files; their stats."""
     stats = DatasetStats(job.settings.seq_length)
-    staging = StagedDataset(job.output_prefix)
     writer = None
     try:
         with _encoded_batches(_BatchFileEncoder(encoder, staging.folder), job) as summaries, \
@@ -75,16 +94,23 @@ def run(job: PreprocessJob) -> dict:
                 bar.update(summary.rows)
                 bar.set_postfix_str(f"{stats.tokens / max(time.perf_counter() - started, 1e-9) / 1e6:.2f}M tok/s",
                                     refresh=False)
-        if writer is None:
-            writer = DatasetWriter(staging, job.inputs)
+        if not stats.written:
+            raise InputError(_nothing_written(job, stats))
         writer.finalize()
-        result = {"format": STATS_FORMAT, **stats.to_dict(), "provenance": provenance(tokenizer, job.settings),
-                  "inputs": [str(p) for p in job.inputs]}
-        return staging.commit(result)
+        return stats
     finally:
         if writer is not None:
             writer.close()
-        staging.discard()
+
+
+def _nothing_written(job: PreprocessJob, stats: DatasetStats) -> str:
+    """Why a run wrote no conversation: a dataset without any would only fail later, in the trainer."""
+    files = ", ".join(map(str, job.inputs))
+    if not stats.read:
+        return f"{files}: no conversations (empty input)"
+    return (f"{files}: no conversation to write: of {stats.read} read, {stats.rejected} rejected and "
+            f"{stats.dropped_overlong} dropped as longer than --seq-length {job.settings.seq_length} "
+            f"(--overlong {job.settings.overlong})")
 
 
 def provenance(tokenizer, settings: EncodeSettings) -> dict:
@@ -117,6 +143,15 @@ class _encoded_batches:
 
     def __enter__(self) -> Iterator[BatchSummary]:
         numbered = enumerate(read_batches(self.job.inputs, self.job.batch_bytes))
+        # no more processes than CPUs or batches of work: reading the first batches tells how many there are
+        cpus = _usable_cpus()
+        first = list(itertools.islice(numbered, min(self.job.workers, cpus)))
+        self.workers = max(1, len(first))
+        if self.workers < self.job.workers:
+            limit = "CPUs" if self.workers == cpus else "batches of input"
+            print(f"--workers {self.job.workers}: {self.workers} process(es) encode, as many as there are {limit}",
+                  file=sys.stderr)
+        numbered = itertools.chain(first, numbered)
         if self.workers == 1:
             return itertools.starmap(self.encode, numbered)
         # fork: workers inherit the loaded tokenizer instead of loading it again.
@@ -137,6 +172,10 @@ class _encoded_batches:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _worker_encode: _BatchFileEncoder | None = None

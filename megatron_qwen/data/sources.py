@@ -48,8 +48,11 @@ def read_batches(paths: Sequence[Path], batch_bytes: int = BATCH_BYTES) -> Itera
 
 def _rows(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line or row number, the row's JSON bytes) of one input file."""
-    with open(path, "rb") as probe:
-        magic = probe.read(4)
+    try:
+        with open(path, "rb") as probe:
+            magic = probe.read(4)
+    except OSError as error:  # removed or made unreadable since the job checked it
+        raise InputError(f"{path}: unreadable ({error.strerror})") from None
     if magic == PARQUET_MAGIC:
         return _parquet_rows(path)
     return _json_lines_rows(path, compressed=magic[:2] == GZIP_MAGIC)

@@ -20,6 +20,7 @@ OpenAI-compatible server hands to the template. ``checkpoint/hf_chat.py`` render
 from __future__ import annotations
 
 import json
+import sys
 
 # The wording of Qwen's function-calling prompt: a model was trained on these exact bytes.
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -59,14 +60,32 @@ def tools_block(tools) -> str:
     return TOOLS_HEADER + "".join(lines) + TOOLS_FOOTER if lines else ""
 
 
+class UnreadableJSON(ValueError):
+    """Text that ``read_json`` cannot turn into a value; the message says why."""
+
+
+def read_json(text: str):
+    """``json.loads``, but every way the text can fail to be read is an ``UnreadableJSON`` saying why: malformed
+    JSON, and also nesting deeper than Python's recursion limit and integers longer than Python converts, which
+    ``json`` reports as a RecursionError or a bare ValueError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UnreadableJSON(f"malformed JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise UnreadableJSON(f"JSON nested deeper than Python reads (about {sys.getrecursionlimit()} levels)") from None
+    except ValueError:
+        raise UnreadableJSON(f"JSON integer longer than Python reads ({sys.get_int_max_str_digits()} digits)") from None
+
+
 def decode_json(value, where: str):
     """The value of a JSON string (ShareGPT exports store tools and calls so)."""
     if not isinstance(value, str):
         raise ToolCallError(f"{where} is {type(value).__name__}, not a JSON string")
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
-        raise ToolCallError(f"{where} is not JSON: {error.msg} at column {error.colno}") from None
+        return read_json(value)
+    except UnreadableJSON as error:
+        raise ToolCallError(f"{where}: {error}") from None
 
 
 def with_tools(system: str, block: str) -> str:

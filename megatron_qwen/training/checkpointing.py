@@ -175,15 +175,22 @@ def load_pretrained(ddp_chunks: list, start: StartPoint) -> None:
     _load_model_entries(ddp_chunks, loaded, requested)
 
 
+TRAINER_STATE_KEYS = ("iteration", "layout", "scheduler", "data")  # what a resume reads of it
+
+
 def read_trainer_state(iteration_dir: Path) -> dict:
     path = iteration_dir / TRAINER_STATE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
         raise CheckpointError(
             f"{path}: unreadable ({error}); a trainer checkpoint holds it (to start from converter output, "
             "use --pretrained-checkpoint with an empty --save-dir)"
         ) from error
+    missing = [key for key in TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: has no {', '.join(missing)}; it was edited or not written by the trainer")
+    return state
 
 
 def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict) -> tuple[dict, str]:

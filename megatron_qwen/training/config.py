@@ -4,25 +4,55 @@ Every field of every section is one flag, spelled like the field (``data_path`` 
 names are unique across sections. Values are applied in this order, later winning: the defaults below (the
 Qwen technical report's SFT recipe, section 3.1.2), a recipe file (``--recipe FILE``: a JSON object of
 field names to values), then the flags given on the command line. ``Optional`` fields take ``none`` on the
-command line; booleans take ``--flag`` / ``--no-flag``; lists take one or more values.
+command line; booleans take ``--flag`` / ``--no-flag``; lists take one or more values. A numeric field's
+``Bounds`` (its range, finite) are checked with the rest of the configuration, naming the flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_qwen.models.presets import PRESETS
+from megatron_qwen.platform.paths import folder_problem
 
 
-def setting(default, help: str):
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting (each value, for a list) may take: finite, at least ``low`` (above it when
+    ``low_open``), and below ``high`` when given."""
+
+    low: float
+    low_open: bool = False
+    high: float | None = None
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high})"
+        return f"{'above' if self.low_open else 'at least'} {self.low}"
+
+    def problem(self, value) -> str | None:
+        """What is wrong with ``value`` (``None``: nothing)."""
+        if not math.isfinite(value):
+            return f"must be finite and {self}, got {value}"
+        low_ok = value > self.low if self.low_open else value >= self.low
+        return None if low_ok and (self.high is None or value < self.high) else f"must be {self}, got {value}"
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Bounds(1), Bounds(0), Bounds(0, low_open=True)
+FRACTION = Bounds(0, high=1)  # [0, 1)
+
+
+def setting(default, help: str, bounds: Bounds | None = None):
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -30,7 +60,7 @@ class ModelSettings:
     preset: Optional[str] = setting(
         None, f"model preset ({', '.join(PRESETS)}); default: read from the pretrained checkpoint"
     )
-    dropout: float = setting(0.1, "dropout on hidden states and attention probabilities")
+    dropout: float = setting(0.1, "dropout on hidden states and attention probabilities", FRACTION)
     precision: Literal["bf16", "fp32"] = setting("bf16", "parameter and compute dtype")
     fp8: bool = setting(False, "FP8 matrix multiplications through Transformer Engine")
     recompute: Literal["none", "selective", "full"] = setting("none", "activation recomputation")
@@ -43,63 +73,75 @@ class ModelSettings:
 
 @dataclasses.dataclass
 class ParallelSettings:
-    tensor_parallel: int = setting(1, "tensor-parallel size")
-    pipeline_parallel: int = setting(1, "pipeline-parallel size (1F1B schedule)")
-    virtual_pipeline: Optional[int] = setting(None, "model chunks per pipeline stage (interleaved 1F1B)")
+    tensor_parallel: int = setting(1, "tensor-parallel size", AT_LEAST_1)
+    pipeline_parallel: int = setting(1, "pipeline-parallel size (1F1B schedule)", AT_LEAST_1)
+    virtual_pipeline: Optional[int] = setting(None, "model chunks per pipeline stage (interleaved 1F1B)", AT_LEAST_1)
     sequence_parallel: bool = setting(False, "sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
     distributed_timeout_minutes: float = setting(
-        30.0, "how long a collective waits for the slowest rank before the run fails (checkpoint saves included)"
+        30.0, "how long a collective waits for the slowest rank before the run fails (checkpoint saves included)",
+        ABOVE_0,
     )
 
 
 @dataclasses.dataclass
 class OptimizerSettings:
-    lr: float = setting(2e-6, "peak learning rate")
-    min_lr: float = setting(0.0, "learning rate reached at the last update by cosine or linear decay")
-    warmup_steps: int = setting(1430, "update k of the warmup uses lr * k / warmup_steps")
+    lr: float = setting(2e-6, "peak learning rate", AT_LEAST_0)
+    min_lr: float = setting(0.0, "learning rate reached at the last update by cosine or linear decay", AT_LEAST_0)
+    warmup_steps: int = setting(1430, "update k of the warmup uses lr * k / warmup_steps", AT_LEAST_0)
     warmup_fraction: Optional[float] = setting(
-        None, "warmup as a fraction of the run's updates, rounded up (instead of --warmup-steps)"
+        None, "warmup as a fraction of the run's updates, rounded up (instead of --warmup-steps)", FRACTION
     )
     lr_decay_style: Literal["constant", "cosine", "linear"] = setting("constant", "after the warmup")
-    adam_beta1: float = setting(0.9, "AdamW beta1")
-    adam_beta2: float = setting(0.95, "AdamW beta2")
-    adam_eps: float = setting(1e-8, "AdamW epsilon")
-    weight_decay: float = setting(0.1, "AdamW weight decay")
-    clip_grad: float = setting(1.0, "gradient clipping by global norm")
+    adam_beta1: float = setting(0.9, "AdamW beta1", FRACTION)
+    adam_beta2: float = setting(0.95, "AdamW beta2", FRACTION)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", ABOVE_0)
+    weight_decay: float = setting(0.1, "AdamW weight decay", AT_LEAST_0)
+    clip_grad: float = setting(1.0, "gradient clipping by global norm (0: none)", AT_LEAST_0)
 
 
 @dataclasses.dataclass
 class DataSettings:
     data_path: list[str] = setting([], "dataset PREFIX(es) written by tools/preprocess_chatml.py")
-    data_weights: Optional[list[float]] = setting(None, "blending weights, one per PREFIX (default: by size)")
-    valid_fraction: float = setting(0.01, "fraction of each dataset's conversations held out for validation")
+    data_weights: Optional[list[float]] = setting(
+        None, "blending weights, one per PREFIX (default: by size)", AT_LEAST_0
+    )
+    valid_fraction: float = setting(
+        0.01, "fraction of each dataset's conversations held out for validation", FRACTION
+    )
     valid_data_path: list[str] = setting([], "datasets for validation only, each reported as a loss of its own")
     rows: Literal["pad", "pack", "padfree"] = setting(
         "padfree",
         "pad: one conversation per row; pack: rows packed best-fit from the stream; padfree: pad's conversations "
         "and updates, packed into as few rows as hold them",
     )
-    seq_length: int = setting(2048, "model positions per row")
-    pad_token_id: int = setting(151643, "token id of padding (never supervised)")
+    seq_length: int = setting(2048, "model positions per row", AT_LEAST_1)
+    pad_token_id: int = setting(151643, "token id of padding (never supervised)", AT_LEAST_0)
     tokenizer: Optional[str] = setting(None, "the model's tokenizer, checked against the datasets' stats")
 
 
 @dataclasses.dataclass
 class TrainingSettings:
-    train_steps: int = setting(4000, "optimizer updates (not used with --train-epochs)")
+    train_steps: int = setting(4000, "optimizer updates (not used with --train-epochs)", AT_LEAST_1)
     train_epochs: Optional[float] = setting(
-        None, "run length in passes over the training conversations: the fewest updates that draw this many"
+        None, "run length in passes over the training conversations: the fewest updates that draw this many", ABOVE_0
     )
-    global_batch_size: int = setting(128, "conversations per update (--rows pad, padfree) or rows (--rows pack)")
-    micro_batch_size: int = setting(1, "rows per micro-batch (gradient accumulation fills the global batch)")
-    seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout")
-    eval_interval: int = setting(200, "updates between validation losses, and one after the last update (0: never)")
+    global_batch_size: int = setting(
+        128, "conversations per update (--rows pad, padfree) or rows (--rows pack)", AT_LEAST_1
+    )
+    micro_batch_size: int = setting(
+        1, "rows per micro-batch (gradient accumulation fills the global batch)", AT_LEAST_1
+    )
+    seed: int = setting(1234, "seed of weights-independent randomness: data order, dropout", Bounds(0, high=2**32))
+    eval_interval: int = setting(
+        200, "updates between validation losses, and one after the last update (0: never)", AT_LEAST_0
+    )
     eval_conversations: Optional[int] = setting(
         1024,
         "conversations of each validation set a validation runs on: the same random sample each time (none: all)",
+        AT_LEAST_1,
     )
-    log_interval: int = setting(1, "updates between log lines")
+    log_interval: int = setting(1, "updates between log lines", AT_LEAST_1)
     tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
 
 
@@ -107,11 +149,11 @@ class TrainingSettings:
 class CheckpointSettings:
     pretrained_checkpoint: Optional[str] = setting(None, "converter output to start from (finetune semantics)")
     save_dir: Optional[str] = setting(None, "where checkpoints go; a run resumes from the latest one there")
-    save_interval: int = setting(500, "updates between checkpoints (and one at the end)")
+    save_interval: int = setting(500, "updates between checkpoints (and one at the end)", AT_LEAST_1)
     save_interval_minutes: Optional[float] = setting(
-        None, "also save at the first update this many minutes after the last save (or the start)"
+        None, "also save at the first update this many minutes after the last save (or the start)", ABOVE_0
     )
-    keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
+    keep_last: int = setting(2, "checkpoints kept (older ones are deleted)", AT_LEAST_1)
 
 
 @dataclasses.dataclass
@@ -125,10 +167,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Raises ``ValueError`` naming the flag of the first inconsistent value; returns ``self``."""
-        for problem, flag in _problems(self):
-            if problem:
-                raise ValueError(f"--{flag.replace('_', '-')}: {problem}")
+        _raise_first(_problems(self))
         return self
+
+    def check_model(self, model) -> None:
+        """Raises ``ValueError`` naming the flag when the run does not fit ``model`` (a ``QwenConfig``, known once
+        the preset or checkpoint is read), before anything of that size is allocated."""
+        _raise_first(_model_problems(self, model))
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
@@ -161,29 +206,26 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-POSITIVE = (
-    "tensor_parallel", "pipeline_parallel", "seq_length", "train_steps", "global_batch_size",
-    "micro_batch_size", "log_interval", "save_interval", "keep_last",
-)
+def _bounds_problem(field, value) -> str | None:
+    """What is wrong with a setting's value by its field's ``Bounds`` (``None`` when unset or none)."""
+    bounds = field.metadata["bounds"]
+    if bounds is None or value is None:
+        return None
+    return next(filter(None, map(bounds.problem, value if isinstance(value, list) else [value])), None)
 
 
 def _problems(config: RunConfig):
     """(problem or a false value, field name) pairs; lazily, so later checks may rely on earlier ones."""
     model, parallel, data, training = config.model, config.parallel, config.data, config.training
     for section, field, _ in _fields():
-        value = getattr(getattr(config, section), field.name)
-        yield field.name in POSITIVE and value < 1 and f"must be at least 1, got {value}", field.name
+        yield _bounds_problem(field, getattr(getattr(config, section), field.name)), field.name
     checkpoint = config.checkpoint
     yield model.preset is not None and model.preset not in PRESETS and f"unknown preset {model.preset!r}", "preset"
     yield model.preset is None and checkpoint.pretrained_checkpoint is None and checkpoint.save_dir is None and (
         "no preset and no checkpoint to read the model from"
     ), "preset"
-    yield not 0.0 <= model.dropout < 1.0 and f"must be in [0, 1), got {model.dropout}", "dropout"
-    minutes = config.checkpoint.save_interval_minutes
-    yield minutes is not None and minutes <= 0 and f"must be above 0, got {minutes}", "save_interval_minutes"
-    yield parallel.distributed_timeout_minutes <= 0 and (
-        f"must be above 0, got {parallel.distributed_timeout_minutes}"
-    ), "distributed_timeout_minutes"
+    yield folder_problem(checkpoint.save_dir), "save_dir"
+    yield folder_problem(training.tensorboard_dir), "tensorboard_dir"
     yield parallel.sequence_parallel and parallel.tensor_parallel < 2 and (
         "needs --tensor-parallel above 1"
     ), "sequence_parallel"
@@ -191,30 +233,43 @@ def _problems(config: RunConfig):
         "needs --pipeline-parallel above 1"
     ), "virtual_pipeline"
     yield config.optimizer.min_lr > config.optimizer.lr and f"above --lr {config.optimizer.lr}", "min_lr"
-    yield not 0.0 <= data.valid_fraction < 1.0 and f"must be in [0, 1), got {data.valid_fraction}", "valid_fraction"
-    yield training.eval_conversations is not None and training.eval_conversations < 1 and (
-        f"must be at least 1 (or none for all), got {training.eval_conversations}"
-    ), "eval_conversations"
     yield not data.data_path and "no dataset given", "data_path"
     yield data.data_weights is not None and len(data.data_weights) != len(data.data_path) and (
         f"{len(data.data_weights)} weight(s) for {len(data.data_path)} dataset(s)"
     ), "data_weights"
+    yield data.data_weights is not None and not sum(data.data_weights) and "all zero", "data_weights"
     yield data.rows != "padfree" and training.global_batch_size % training.micro_batch_size and (
         f"{training.global_batch_size} is not a multiple of --micro-batch-size {training.micro_batch_size}"
     ), "global_batch_size"
-    yield training.train_epochs is not None and training.train_epochs <= 0 and (
-        f"must be above 0, got {training.train_epochs}"
-    ), "train_epochs"
     optimizer = config.optimizer
-    yield optimizer.warmup_steps < 0 and f"must be at least 0, got {optimizer.warmup_steps}", "warmup_steps"
-    yield optimizer.warmup_fraction is not None and not 0 <= optimizer.warmup_fraction < 1 and (
-        f"must be in [0, 1), got {optimizer.warmup_fraction}"
-    ), "warmup_fraction"
     # otherwise the run's length is known only once the data is read (Trainer.run_length)
     fixed_length = training.train_epochs is None and optimizer.warmup_fraction is None
     yield fixed_length and optimizer.warmup_steps >= training.train_steps and (
         f"must be below --train-steps {training.train_steps}"
     ), "warmup_steps"
+
+
+def _model_problems(config: RunConfig, model):
+    parallel = config.parallel
+    yield config.data.seq_length > model.max_position_embeddings and (
+        f"{config.data.seq_length} is above the {model.max_position_embeddings} positions of {model.name}"
+    ), "seq_length"
+    stages = parallel.pipeline_parallel * (parallel.virtual_pipeline or 1)
+    yield model.num_layers % stages and (
+        f"the {model.num_layers} layers of {model.name} do not split evenly into {stages} stages"
+        + (f" (x --virtual-pipeline {parallel.virtual_pipeline})" if parallel.virtual_pipeline else "")
+    ), "pipeline_parallel"
+    for part in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        count = getattr(model, part)
+        yield count % parallel.tensor_parallel and (
+            f"{model.name}'s {count} {part.replace('_', ' ')} do not split evenly over {parallel.tensor_parallel} ranks"
+        ), "tensor_parallel"
+
+
+def _raise_first(problems) -> None:
+    for problem, flag in problems:
+        if problem:
+            raise ValueError(f"{_flag(flag)}: {problem}")
 
 
 # ---- flags and recipe files, generated from the fields ----
@@ -291,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="JSON file of settings (field name -> value), applied before the flags")
     for section, field, kind in _fields():
         inner, _ = _unwrap_optional(kind)
-        options = {"dest": field.name, "help": f"[{section}] {field.metadata['help']} (default: {_default(field)})"}
+        bounds = f", {field.metadata['bounds']}" if field.metadata["bounds"] else ""
+        help = f"[{section}] {field.metadata['help']} (default: {_default(field)}{bounds})"
+        options = {"dest": field.name, "help": help}
         if inner is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(inner) is list:

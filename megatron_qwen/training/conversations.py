@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_qwen.data.dataset_files import loss_mask_prefix, text_prefix
+from megatron_qwen.data.dataset_files import check_index, loss_mask_prefix, text_prefix
 
 
 class ConversationDataset:
@@ -24,6 +24,7 @@ class ConversationDataset:
                     f"dataset {prefix!r}: {path_prefix}.bin/.idx not found "
                     "(write it with tools/preprocess_chatml.py --output-prefix PREFIX)"
                 )
+            check_index(path_prefix)
         self.text = IndexedDataset(text_prefix(prefix))
         self.loss_mask = IndexedDataset(loss_mask_prefix(prefix))
         self.lengths = np.asarray(self.text.sequence_lengths, dtype=np.int64)

@@ -118,6 +118,16 @@ class SFTSamples:
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
 
+    def check_global_batch(self, global_batch_size: int) -> None:
+        """An update draws ``global_batch_size`` conversations (``pad``, ``padfree``) or rows of one or more (``pack``):
+        more than the training conversations would repeat conversations within an update."""
+        conversations = self.num_train_conversations()
+        if global_batch_size > conversations:
+            raise ValueError(
+                f"--global-batch-size {global_batch_size}: one update would draw more than the {conversations} "
+                "training conversations (an epoch)"
+            )
+
     def rendering_warnings(self) -> list[str]:
         """One line per validation-only dataset rendered unlike the training data: its loss then measures other
         targets or contexts than the training loss does, which the user should know when comparing them."""

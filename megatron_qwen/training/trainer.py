@@ -141,6 +141,7 @@ class Trainer:
         self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
         preset = PRESETS[config.model.preset] if config.model.preset else None
         self.model = checkpointing.model_config(self.start, preset)
+        config.check_model(self.model)
         self.tokenizer = _tokenizer(config, self.start)
         data = config.data
         self.samples = SFTSamples(
@@ -148,6 +149,7 @@ class Trainer:
             data.pad_token_id, training.eval_conversations, data.valid_data_path,
         )
         self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
+        self.samples.check_global_batch(training.global_batch_size)
         self.chat_settings = self.samples.chat_settings()
         self.train_steps, self.warmup_steps = self.run_length()
         self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
