@@ -107,6 +107,9 @@ class CheckpointSettings:
         None, "also save at the first update this many minutes after the last save (or the start)"
     )
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
+    skip_verify: bool = setting(
+        False, "start from a checkpoint without checking its files against its manifest (sizes, sha256)"
+    )
 
 
 @dataclasses.dataclass
