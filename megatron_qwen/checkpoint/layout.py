@@ -45,7 +45,7 @@ from megatron_qwen.checkpoint.manifest import sha256_file
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.models.presets import QwenConfig
-from megatron_qwen.platform.distributed import on_any_rank
+from megatron_qwen.platform.distributed import all_gathered, on_any_rank, rank_and_size
 
 LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
@@ -228,10 +228,10 @@ def save_iteration(
     failure, shards = None, {}
     try:
         dist_checkpointing.save(sharded_state_dict, str(staging))
-        shards = manifest.describe(staging, manifest.own_shards(staging, _rank()))  # (manifest's docstring)
+        shards = manifest.describe(staging, manifest.own_shards(staging, rank_and_size()[0]))  # (manifest's docstring)
     except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
         failure = error
-    written = _all_gather((shards, failure is not None))
+    written = all_gathered((shards, failure is not None))
     try:
         if _is_writer() and not any(failed for _, failed in written):
             for name, content in {MODEL_CONFIG: model_config.to_json() + "\n", **(extra_files or {})}.items():
@@ -334,20 +334,8 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _is_writer() -> bool:
-    return _rank() == 0
-
-
-def _all_gather(value) -> list:
-    if not torch.distributed.is_initialized():
-        return [value]
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    return rank_and_size()[0] == 0
 
 
 def _barrier() -> None:

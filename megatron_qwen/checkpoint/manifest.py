@@ -25,6 +25,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from megatron_qwen.platform import distributed
+
 MANIFEST = "manifest.json"
 FORMAT = "megatron-qwen-iteration-manifest/1"
 _BLOCK = 8 << 20
@@ -107,19 +109,13 @@ def verify(iteration_dir: Path, rank: int = 0, world_size: int = 1, threads: int
 def verify_on_all_ranks(iteration_dir: Path) -> str | None:
     """``verify`` split over the ranks of ``torch.distributed`` when it is initialized (a collective: every rank
     calls it): each rank checks its share, and every rank raises the first problem any rank found."""
-    import torch.distributed as dist
-
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = distributed.rank_and_size()
     problem, warning = None, None
     try:
         warning = verify(Path(iteration_dir), rank, world_size)
     except (ManifestError, OSError) as error:  # OSError: a file that cannot be read
         problem = str(error)
-    problems = [problem]
-    if world_size > 1:
-        problems = [None] * world_size
-        dist.all_gather_object(problems, problem)
-    found = [problem for problem in problems if problem]
+    found = [problem for problem in distributed.all_gathered(problem) if problem]
     if found:
         raise ManifestError(found[0])
     return warning

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_qwen.checkpoint import layout, manifest
 from megatron_qwen.models.presets import QwenConfig
+from megatron_qwen.platform import distributed
 from megatron_qwen.training import optimizer as optimizer_state
 from megatron_qwen.training import rng, state_check
 
@@ -78,9 +79,8 @@ def verify(start: StartPoint, skip: bool) -> str | None:
 def check_finite(ddp_chunks: list, optimizer, start: StartPoint) -> None:
     """Refuses a loaded state with a NaN or Inf in a weight or (``optimizer``) its state (``state_check``)."""
     found = state_check.first_non_finite(ddp_chunks, optimizer)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     _collective_check(found and f"{start.flag}: {start.iteration_dir}: non-finite values (NaN or Inf) in {found} "
-                                f"(rank {rank}); resume from an earlier iteration")
+                                f"(rank {distributed.rank_and_size()[0]}); resume from an earlier iteration")
 
 
 def _resolve(root: str, flag: str) -> Path:

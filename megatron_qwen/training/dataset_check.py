@@ -13,12 +13,12 @@ template, and how a validation-only dataset's rendering differs from the trainin
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from megatron_qwen.data.dataset_files import (DatasetFilesError, data_chunks, loss_mask_prefix, read_chunk, read_stats,
                                               stats_path, text_prefix, TEXT_SUFFIX)
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.data.writer import TOKEN_DTYPE
+from megatron_qwen.platform import distributed
 from megatron_qwen.training.conversations import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
@@ -96,8 +96,7 @@ def scan(datasets: list[ConversationDataset]) -> tuple[dict[str, tuple[int, int]
         if "digests" not in stats:
             warnings.append(f"{stats_path(dataset.prefix)}: records no digests (written before datasets recorded "
                             "them); its files cannot be verified")
-    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world_size = distributed.rank_and_size()
     problem, values = None, {}
     try:
         for chunk in chunks[rank::world_size]:
@@ -107,10 +106,7 @@ def scan(datasets: list[ConversationDataset]) -> tuple[dict[str, tuple[int, int]
                 _widen(values, str(chunk.path), (int(array.min()), int(array.max())))
     except DatasetFilesError as error:
         problem = str(error)
-    gathered = [(problem, values)]
-    if world_size > 1:
-        gathered = [None] * world_size
-        torch.distributed.all_gather_object(gathered, (problem, values))
+    gathered = distributed.all_gathered((problem, values))
     problems = [problem for problem, _ in gathered if problem]
     if problems:
         raise DatasetFilesError(problems[0])
