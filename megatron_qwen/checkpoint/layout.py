@@ -187,7 +187,8 @@ def damaged_file(iteration_dir: str | Path) -> str | None:
     try:
         metadata = FileSystemReader(str(iteration_dir)).read_metadata()
     except Exception as error:
-        return f"{iteration_dir / '.metadata'}: unreadable ({type(error).__name__}: {error}); the iteration cannot be loaded"
+        return (f"{iteration_dir / '.metadata'}: unreadable ({type(error).__name__}: {error}); the iteration cannot be "
+                "loaded")
     ends: dict[str, int] = {}
     for stored in metadata.storage_data.values():
         ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)

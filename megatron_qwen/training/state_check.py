@@ -14,23 +14,21 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def first_non_finite(ddp_chunks: list, optimizer=None) -> str | None:
     """What holds the first non-finite value on this rank (``None``: everything is finite)."""
-    names = {}
-    for chunk in ddp_chunks:
-        for name, param in chunk.module.named_parameters():
-            if not bool(torch.isfinite(param).all()):
-                return f"model weight {name}"
-            names[param] = name
-    for part in _parts(optimizer) if optimizer is not None else []:
+    names = {param: name for chunk in ddp_chunks for name, param in chunk.module.named_parameters()}
+    tensors = [(f"model weight {name}", param) for param, name in names.items()]
+    if optimizer is not None:
+        tensors += list(_optimizer_tensors(optimizer, names))
+    return next((what for what, tensor in tensors if not bool(torch.isfinite(tensor).all())), None)
+
+
+def _optimizer_tensors(optimizer, names: dict):
+    """``(description, tensor)`` of each float32 main weight and Adam moment of megatron's ``optimizer``."""
+    for part in _parts(optimizer):
         inner = getattr(part, "optimizer", None)
-        if inner is None:
-            continue
-        for main, name in _main_params(part, names):
-            tensors = [("float32 main weight", main)] + [
-                (f"Adam {moment}", inner.state[main][moment]) for moment in MOMENTS if moment in inner.state.get(main, {})]
-            for what, tensor in tensors:
-                if not bool(torch.isfinite(tensor).all()):
-                    return f"optimizer {what} of {name}"
-    return None
+        for main, name in _main_params(part, names) if inner is not None else []:
+            yield f"optimizer float32 main weight of {name}", main
+            state = inner.state.get(main, {})
+            yield from ((f"optimizer Adam {moment} of {name}", state[moment]) for moment in MOMENTS if moment in state)
 
 
 def _main_params(part, names: dict):
