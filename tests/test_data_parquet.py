@@ -80,8 +80,9 @@ def test_parquet_files_give_the_dataset_of_the_same_rows_as_json_lines(tmp_path)
     from_jsonl = run(job([reference], tmp_path / "jsonl"))
     assert dataset_contents(tmp_path / "parquet") == dataset_contents(tmp_path / "jsonl")
     assert from_parquet["conversations"]["written"] == len(rows)
-    different = {"inputs": None, "files": None}  # the paths
+    different = {"inputs": None, "files": None, "digests": None}  # the paths
     assert {**from_parquet, **different} == {**from_jsonl, **different}
+    assert list(from_parquet["digests"]["sha256"].values()) == list(from_jsonl["digests"]["sha256"].values())
 
 
 def test_a_bad_parquet_row_is_named_by_its_row_number(tmp_path):

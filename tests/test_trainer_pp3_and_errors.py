@@ -38,7 +38,11 @@ def runs(tmp_path_factory):
         entry("missing_checkpoint", checkpoint=work / "no_such_dir"),
         entry("not_a_checkpoint", checkpoint=data),
         entry("unreadable_checkpoint", checkpoint=bad["unreadable"]),
-        entry("shape_mismatch", checkpoint=bad["shape_mismatch"]),
+        entry("unreadable_checkpoint_unverified", checkpoint=bad["unreadable"], skip_verify=True),
+        # the same size, other bytes: found by the one rank whose share of the digests holds the file
+        entry("overwritten_checkpoint", checkpoint=bad["overwritten"]),
+        entry("flipped_dataset_byte", dataset=bad["flipped"]),
+        entry("shape_mismatch", checkpoint=bad["shape_mismatch"], skip_verify=True),  # its manifest refuses the edit
         entry("preset_mismatch", preset="tiny"),
         entry("wrong_tokenizer", dataset="wrong_tokenizer"),
         entry("big_ids", dataset="big_ids"),
@@ -59,13 +63,24 @@ def prepare_bad_checkpoints(start, work):
     shutil.copytree(start, unreadable)
     for shard in (unreadable / "iter_0000000").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
+    overwritten = work / "overwritten"
+    shutil.copytree(start, overwritten)
+    shard = overwritten / "iter_0000000" / "__0_1.distcp"
+    shard.write_bytes(shard.read_bytes()[:-4096] + b"\0" * 4096)
+    flipped = work / "flipped"
+    for path in start.parent.glob("pairs_*"):
+        shutil.copyfile(path, work / path.name.replace("pairs", "flipped"))
+    mask = work / "flipped_loss_mask_document.bin"
+    mask.write_bytes(bytes([1 - mask.read_bytes()[0]]) + mask.read_bytes()[1:])  # still 0 or 1: only digests see it
+    stats = (work / "flipped_stats.json").read_text()
+    (work / "flipped_stats.json").write_text(stats.replace("pairs_", "flipped_"))
     shape_mismatch = work / "shape_mismatch"
     shutil.copytree(start, shape_mismatch)
     config_path = shape_mismatch / "iter_0000000" / "model_config.json"
     config = json.loads(config_path.read_text())
     config["ffn_hidden_size"] = 96  # a model the weights do not fit
     config_path.write_text(json.dumps(config))
-    return {"unreadable": unreadable, "shape_mismatch": shape_mismatch}
+    return {"unreadable": unreadable, "shape_mismatch": shape_mismatch, "overwritten": overwritten, "flipped": flipped}
 
 
 def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
@@ -83,7 +98,12 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
     [
         ("missing_checkpoint", "CheckpointError", "no_such_dir does not exist"),
         ("not_a_checkpoint", "CheckpointError", "has no 'latest' marker"),
-        ("unreadable_checkpoint", "CheckpointError", "could not be loaded (EOFError"),
+        ("unreadable_checkpoint", "CheckpointError", "iter_0000000/__0_0.distcp: 100 bytes, but "),
+        ("unreadable_checkpoint_unverified", "CheckpointError", "iter_0000000/__0_0.distcp: truncated (100 bytes, "),
+        ("overwritten_checkpoint", "CheckpointError", "overwritten/iter_0000000/__0_1.distcp: sha256 differs from the "
+                                                      "one recorded when it was written"),
+        ("flipped_dataset_byte", "DatasetFilesError", "flipped_loss_mask_document.bin: bytes 0..384 differ from the "
+                                                      "sha256 recorded"),
         ("shape_mismatch", "CheckpointError", "linear_fc1.weight has shape (6, 256, 64) in the checkpoint but (6, 192, 64)"),
         ("preset_mismatch", "CheckpointError", "holds another model than --preset tiny (num_layers: checkpoint 6, --preset 4; vocab_size: checkpoint 1024, --preset 151936)"),
         ("wrong_tokenizer", "DatasetMismatchError", "wrong_tokenizer_stats.json: tokenized with a different tokenizer"),

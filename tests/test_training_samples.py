@@ -329,7 +329,7 @@ def test_dataset_checks_name_the_file(tmp_path):
     grown = write_dataset(tmp_path / "grown", random_conversations(5, seed=0))
     with open(f"{grown}_text_document.bin", "ab") as data:
         data.write(b"\0" * 4)  # a file that changed after the stats were written
-    with pytest.raises(DatasetFilesError, match=rf"dataset {grown} is incomplete: .*grown_text_document.bin"):
+    with pytest.raises(DatasetFilesError, match=rf"{grown}_text_document.bin: \d+ bytes, but its index"):
         SFTSamples([grown], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows=2000)
     stats = json.loads((tmp_path / "ok_stats.json").read_text())
     (tmp_path / "ok_stats.json").write_text(json.dumps({"provenance": {"seq_length": SEQ}, "files": stats["files"]}))
@@ -346,15 +346,15 @@ def test_dataset_checks_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda index: b"NOTANIDX!" + index[9:], "not a megatron-core index"),
+    (lambda index: b"NOTANIDX!" + index[9:], "not a megatron-core index (bad magic)"),
     # the sequence count (bytes 18-26, after magic, version and dtype code) one too high, one too low; a cut file.
     # 5 conversations take 34 header bytes, 12 per sequence (length, pointer) and 8 per document (6 boundaries)
     (lambda index: index[:18] + (int.from_bytes(index[18:26], "little") + 1).to_bytes(8, "little") + index[26:],
-     "corrupt index (version 1, 6 sequences and 6 documents, which take 154 bytes; the file has 142)"),
+     "its header counts 6 sequences and 6 documents, which take 154 bytes, but the file has 142"),
     (lambda index: index[:18] + (int.from_bytes(index[18:26], "little") - 1).to_bytes(8, "little") + index[26:],
-     "corrupt index (version 1, 4 sequences and 6 documents"),
+     "its header counts 4 sequences and 6 documents, which take 130 bytes, but the file has 142"),
     (lambda index: index[:-8],
-     "corrupt index (version 1, 5 sequences and 6 documents, which take 142 bytes; the file has 134)"),
+     "its header counts 5 sequences and 6 documents, which take 142 bytes, but the file has 134"),
 ])
 def test_a_corrupt_index_is_named(tmp_path, corrupt, message):
     prefix = write_dataset(tmp_path / "d", random_conversations(5, seed=0))

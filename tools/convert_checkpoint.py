@@ -6,11 +6,13 @@
       iteration 0 of the checkpoint layout in OUT. The tokenizer files come from --hf-dir unless
       --tokenizer-dir names another folder.
   mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
-              [--reasoning-history keep|split]
+              [--reasoning-history keep|split] [--skip-verify]
       Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
       index, config.json, the tokenizer files, the ChatML chat template (adding the training data's
       default system prompt, or --system-prompt, to conversations without one, and writing earlier
       replies' reasoning as the training data did, or as --reasoning-history says) and generation_config.json.
+      The iteration's files are first checked against its manifest (--skip-verify: not), and weights that are
+      not finite (NaN, Inf) are refused.
 
 Runs as a single process on the CPU; check the result with tools/verify_conversion.py.
 """
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--reasoning-history", choices=reasoning_history.POLICIES,
                        help="whether the chat template keeps the reasoning of replies before the last user query "
                             "(default: as the training data was preprocessed)")
+    to_hf.add_argument("--skip-verify", action="store_true",
+                       help="export without checking the iteration's files against its manifest (sizes, sha256)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
             written = hf_to_mcore(args.hf_dir, args.mcore_dir, args.tokenizer_dir)
         else:
             written = mcore_to_hf(args.mcore_dir, args.hf_dir, args.format, args.iteration,
-                                  int(args.max_shard_gb * 2**30), args.system_prompt, args.reasoning_history)
+                                  int(args.max_shard_gb * 2**30), args.system_prompt, args.reasoning_history,
+                                  args.skip_verify)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"convert_checkpoint.py {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Verifies a conversion: the same prompts through transformers and megatron-core at a TP/PP layout.
 
   verify_conversion.py --hf-dir DIR --mcore-dir DIR [--tp N --pp M] [--iteration N]
-                       [--dtype float32|bfloat16] [--layer-impl local|te] [--token-ids FILE]
+                       [--dtype float32|bfloat16] [--layer-impl local|te] [--token-ids FILE] [--skip-verify]
 
 Prints the largest absolute difference of the logits and of the per-token loss over the prompts and
 exits 1 when either is above the tolerance (float32: 1e-3 and 1e-3; bfloat16: 0.5 and 0.25; override
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--token-ids", help="JSON file with a list of token-id lists to use as prompts")
     parser.add_argument("--logits-tolerance", type=float)
     parser.add_argument("--loss-tolerance", type=float)
+    parser.add_argument("--skip-verify", action="store_true",
+                        help="load without checking the iteration's files against its manifest (sizes, sha256)")
     return parser.parse_args(argv)
 
 
@@ -59,7 +61,7 @@ def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_qwen.checkpoint import layout, verify
+    from megatron_qwen.checkpoint import layout, manifest, verify
     from megatron_qwen.models.spec import default_layer_impl
     from megatron_qwen.platform import distributed
 
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     layer_impl = args.layer_impl or default_layer_impl()
     distributed.initialize(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     try:
+        unverified = None if args.skip_verify else manifest.verify_on_all_ranks(iteration_dir)
+        if unverified and torch.distributed.get_rank() == 0:
+            print(f"warning: {unverified}", file=sys.stderr)
         cfg, model = verify.load_megatron(iteration_dir, dtype, layer_impl)
         _check_ids(prompts, cfg.vocab_size)
         megatron = [verify.megatron_logits(model, cfg, ids) for ids in prompts]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen3, layout
+from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen3, layout, manifest
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader, SafetensorsShardWriter
 from megatron_qwen.checkpoint.mapping import EMBEDDING, OUTPUT_LAYER, from_megatron, ignorable, to_megatron
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT
@@ -60,16 +61,23 @@ def mcore_to_hf(
     max_shard_bytes: int = 2 * 2**30,
     system_prompt: str | None = None,
     reasoning_history: str | None = None,
+    skip_verify: bool = False,
 ) -> Path:
     """Writes one iteration of ``mcore_dir`` as a Hugging Face model directory in ``hf_format`` (default:
-    ``default_format`` of the model), first under ``HF_DIR.partial``, renamed when complete. The chat
-    template follows ``system_prompt`` and ``reasoning_history`` where given (see ``template_settings``)."""
+    ``default_format`` of the model), first under ``HF_DIR.partial``, renamed when complete (removed when the export
+    fails). The chat template follows ``system_prompt`` and ``reasoning_history`` where given (see
+    ``template_settings``). The iteration's files are checked against its manifest first (unless ``skip_verify``),
+    and weights that are not finite are refused."""
     if hf_format is not None and hf_format not in LAYOUTS:
         raise ValueError(f"--format must be one of {sorted(LAYOUTS)}, not {hf_format!r}")
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise FileExistsError(f"--hf-dir {hf_dir} exists and is not empty; choose a new directory")
     iteration_dir = layout.resolve_iteration(mcore_dir, iteration)
+    if not skip_verify:
+        unverified = manifest.verify(iteration_dir)
+        if unverified:
+            print(f"warning: {unverified}", file=sys.stderr)
     cfg = layout.load_config(iteration_dir)
     hf_format = hf_format or default_format(cfg)
     entries = list(LAYOUTS[hf_format].entries(cfg))  # fails early for a model the format cannot hold
@@ -78,11 +86,15 @@ def mcore_to_hf(
     staging = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    dtype = _export_weights(iteration_dir, cfg, entries, SafetensorsShardWriter(staging, max_shard_bytes))
-    (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
-    for source in tokenizer.files:
-        shutil.copyfile(source, staging / source.name)
-    hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt, reasoning_history)
+    try:
+        dtype = _export_weights(iteration_dir, cfg, entries, SafetensorsShardWriter(staging, max_shard_bytes))
+        (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
+        for source in tokenizer.files:
+            shutil.copyfile(source, staging / source.name)
+        hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt, reasoning_history)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if hf_dir.exists():
         hf_dir.rmdir()
     staging.rename(hf_dir)
@@ -126,6 +138,9 @@ def _export_weights(iteration_dir: Path, cfg: QwenConfig, entries, writer: Safet
         layout.load_model(model, iteration_dir)
         params = model.state_dict()
         for name, tensor in from_megatron(entries, lambda megatron_name: _unpadded(params, megatron_name, cfg)):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{iteration_dir}: {name} holds {(~torch.isfinite(tensor)).sum().item()} non-finite "
+                                 "values (NaN or Inf); a model that diverged or a damaged checkpoint is not exported")
             writer.add(name, tensor)
         writer.finish()
     return dtype

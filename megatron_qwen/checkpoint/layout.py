@@ -11,6 +11,7 @@
         tokenizer/            the tokenizer files, and manifest.json with their sha256
         chat.json             (trainer) the default system prompts of the datasets it trained on
         ...                   files a caller adds (e.g. the trainer's state)
+        manifest.json         every other file's size and sha256, written last (``checkpoint/manifest.py``)
 
 Every iteration directory is complete on its own. The distributed checkpoint stores each tensor at
 its global shape, whatever tensor/pipeline-parallel layout saved it, so any layout loads it.
@@ -26,7 +27,6 @@ file system all ranks share.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,12 +37,15 @@ from typing import Mapping
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_qwen.checkpoint import manifest
+from megatron_qwen.checkpoint.manifest import sha256_file
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.models.presets import QwenConfig
-from megatron_qwen.platform.distributed import on_any_rank
+from megatron_qwen.platform.distributed import all_gathered, on_any_rank, rank_and_size
 
 LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
@@ -103,8 +106,8 @@ def load_config(iteration_dir: str | Path) -> QwenConfig:
         raise FileNotFoundError(f"{path}: missing; every iteration directory holds its model configuration")
     try:
         return QwenConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as error:  # not JSON (or not UTF-8), or not the fields of a QwenConfig
-        raise ValueError(f"{path}: not a model configuration ({error})") from None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not a model configuration ({type(error).__name__}: {error})") from None
 
 
 def tokenizer_dir(iteration_dir: str | Path) -> Path:
@@ -162,18 +165,40 @@ def training_chat_settings(iteration_dir: str | Path) -> dict | None:
     return {"reasoning_history": [DEFAULT_REASONING_HISTORY], **json.loads(path.read_text())}  # older files have none
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_dtype(iteration_dir: str | Path) -> torch.dtype:
     """The dtype the model weights were saved in (read from the checkpoint's metadata)."""
-    metadata = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
+    except Exception as error:
+        raise ValueError(damaged_file(iteration_dir) or f"{iteration_dir}: unreadable ({error})") from None
     return metadata[EMBEDDING].dtype
+
+
+def damaged_file(iteration_dir: str | Path) -> str | None:
+    """What is wrong with which file of a distributed checkpoint that failed to load: ``common.pt`` or ``.metadata``
+    that cannot be unpickled, or a shard missing or shorter than the data ``.metadata`` places in it; None when
+    none of these is found. Reads little: the two small files and the shards' sizes."""
+    iteration_dir = Path(iteration_dir)
+    common = iteration_dir / "common.pt"
+    try:
+        torch.load(common, map_location="cpu")  # as megatron-core reads it (weights only)
+    except Exception as error:
+        return f"{common}: unreadable ({type(error).__name__}); the iteration cannot be loaded"
+    try:
+        metadata = FileSystemReader(str(iteration_dir)).read_metadata()
+    except Exception as error:
+        return (f"{iteration_dir / '.metadata'}: unreadable ({type(error).__name__}: {error}); the iteration cannot be "
+                "loaded")
+    ends: dict[str, int] = {}
+    for stored in metadata.storage_data.values():
+        ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)
+    for name, end in sorted(ends.items()):
+        shard = iteration_dir / name
+        if not shard.is_file():
+            return f"{shard}: missing; the iteration cannot be loaded"
+        if shard.stat().st_size < end:
+            return f"{shard}: truncated ({shard.stat().st_size} bytes, {end} expected); the iteration cannot be loaded"
+    return None
 
 
 def save_iteration(
@@ -201,20 +226,26 @@ def save_iteration(
         _remove_leftovers(root)
         staging.mkdir()
     _barrier()
-    failure = None
+    failure, shards = None, {}
     try:
         dist_checkpointing.save(sharded_state_dict, str(staging))
-        if _is_writer():
+        shards = manifest.describe(staging, manifest.own_shards(staging, rank_and_size()[0]))  # (manifest's docstring)
+    except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
+        failure = error
+    written = all_gathered((shards, failure is not None))
+    try:
+        if _is_writer() and not any(failed for _, failed in written):
             for name, content in {MODEL_CONFIG: model_config.to_json() + "\n", **(extra_files or {})}.items():
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
             _write_tokenizer(staging / TOKENIZER_DIR, tokenizer)
+            manifest.write(staging, {name: entry for described, _ in written for name, entry in described.items()})
             _replace_dir(staging, final)
             _write_atomically(root / LATEST, f"{iteration}\n")
             if keep_last is not None:
                 prune(root, keep_last)
-    except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
+    except Exception as error:
         failure = error  # a full disk, a lost mount: every rank must stop, none may wait at a barrier
     (failed,) = on_any_rank(failure is not None)  # also the barrier that ends a save
     if failed:
@@ -248,7 +279,11 @@ def load_model(model: torch.nn.Module, iteration_dir: str | Path) -> None:
     optimizer settings there); only the model's own entries are handed to the model.
     """
     sharded = model.sharded_state_dict()
-    state = dist_checkpointing.load(sharded, str(iteration_dir))
+    try:
+        state = dist_checkpointing.load(sharded, str(iteration_dir))
+    except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise ValueError(damaged_file(iteration_dir) or f"{iteration_dir}: cannot be loaded ({lines[-1]})") from None
     model.load_state_dict({key: state[key] for key in sharded})
 
 
@@ -301,7 +336,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _is_writer() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return rank_and_size()[0] == 0
 
 
 def _barrier() -> None:

@@ -87,6 +87,22 @@ def on_any_rank(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(value) for value in values.tolist())
 
 
+def all_gathered(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order (collective); a single process has only its own."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def rank_and_size() -> tuple[int, int]:
+    """This process's global rank and the world size (0 and 1 without torch.distributed)."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
 def _launch_environment() -> tuple[int, int, int]:
     """Returns (rank, world size, local rank) and fills MASTER_ADDR/MASTER_PORT where needed."""
     env = os.environ

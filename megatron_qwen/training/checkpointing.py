@@ -28,10 +28,11 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_qwen.checkpoint import layout
+from megatron_qwen.checkpoint import layout, manifest
 from megatron_qwen.models.presets import QwenConfig
+from megatron_qwen.platform import distributed
 from megatron_qwen.training import optimizer as optimizer_state
-from megatron_qwen.training import rng
+from megatron_qwen.training import rng, state_check
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_KEY = "optimizer"
@@ -60,6 +61,26 @@ def start_point(save_dir: str | None, pretrained: str | None) -> StartPoint:
     if pretrained is not None:
         return StartPoint("pretrained", _resolve(pretrained, "--pretrained-checkpoint"), "--pretrained-checkpoint")
     return StartPoint("random")
+
+
+def verify(start: StartPoint, skip: bool) -> str | None:
+    """Checks the files of the iteration the run starts from against its manifest (collective, a share per rank);
+    returns a warning for an iteration that cannot be verified (written before manifests, or ``skip``)."""
+    if start.iteration_dir is None:
+        return None
+    if skip:
+        return f"{start.iteration_dir}: its files were not verified (--skip-verify)"
+    try:
+        return manifest.verify_on_all_ranks(start.iteration_dir)
+    except manifest.ManifestError as error:
+        raise CheckpointError(f"{start.flag}: {error} (--skip-verify starts from it anyway)") from None
+
+
+def check_finite(ddp_chunks: list, optimizer, start: StartPoint) -> None:
+    """Refuses a loaded state with a NaN or Inf in a weight or (``optimizer``) its state (``state_check``)."""
+    found = state_check.first_non_finite(ddp_chunks, optimizer)
+    _collective_check(found and f"{start.flag}: {start.iteration_dir}: non-finite values (NaN or Inf) in {found} "
+                                f"(rank {distributed.rank_and_size()[0]}); resume from an earlier iteration")
 
 
 def _resolve(root: str, flag: str) -> Path:
@@ -123,7 +144,8 @@ def check_shapes(requested: dict, iteration_dir: Path, flag: str) -> None:
     try:
         saved = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
     except Exception as error:  # noqa: BLE001 - any failure to read the metadata is the same message
-        problem = f"{flag}: {iteration_dir} is unreadable ({type(error).__name__}: {error})"
+        damaged = layout.damaged_file(iteration_dir)
+        problem = f"{flag}: {damaged or f'{iteration_dir} is unreadable ({type(error).__name__}: {error})'}"
         saved = {}
     for tensor in ([] if problem else _sharded_tensors(requested)):
         if tensor.key not in saved:
@@ -153,7 +175,8 @@ def _load(requested: dict, iteration_dir: Path, flag: str) -> dict:
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - all mean "cannot use this checkpoint"
         # (torch's CheckpointException, which carries every rank's failure, derives from BaseException)
         cause = _root_cause(error)
-        problem = f"{flag}: {iteration_dir} could not be loaded ({type(cause).__name__}: {cause})"
+        damaged = layout.damaged_file(iteration_dir)
+        problem = f"{flag}: {damaged or f'{iteration_dir} could not be loaded ({type(cause).__name__}: {cause})'}"
     _collective_check(problem)
     return loaded
 
@@ -173,6 +196,7 @@ def load_pretrained(ddp_chunks: list, start: StartPoint) -> None:
     check_shapes(requested, start.iteration_dir, start.flag)
     loaded = _load(requested, start.iteration_dir, start.flag)
     _load_model_entries(ddp_chunks, loaded, requested)
+    check_finite(ddp_chunks, None, start)
 
 
 TRAINER_STATE_KEYS = ("iteration", "layout", "scheduler", "data")  # what a resume reads of it
@@ -207,6 +231,7 @@ def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict
     loaded = _load(full_request, start.iteration_dir, start.flag)
     _load_model_entries(ddp_chunks, loaded, requested)
     optimizer_state.load_state_dict(optimizer, loaded[OPTIMIZER_KEY])
+    check_finite(ddp_chunks, optimizer, start)
     not_restored = rng.restore(loaded[rng.KEY]) if same_layout else "saved at another layout"
     outcome = "RNG states restored" if not_restored is None else f"RNG from --seed ({not_restored})"
     return trainer_state, outcome

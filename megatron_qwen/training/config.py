@@ -154,6 +154,9 @@ class CheckpointSettings:
         None, "also save at the first update this many minutes after the last save (or the start)", ABOVE_0
     )
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)", AT_LEAST_1)
+    skip_verify: bool = setting(
+        False, "start from a checkpoint without checking its files against its manifest (sizes, sha256)"
+    )
 
 
 @dataclasses.dataclass

@@ -7,10 +7,13 @@ the tokens before it, so a conversation of ``n`` tokens gives ``n - 1`` model po
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.data.dataset_files import check_index, loss_mask_prefix, text_prefix
+from megatron_qwen.data.writer import MASK_DTYPE, TOKEN_DTYPE
 
 
 class ConversationDataset:
@@ -18,13 +21,13 @@ class ConversationDataset:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        for path_prefix in (text_prefix(prefix), loss_mask_prefix(prefix)):
+        for path_prefix, dtype in ((text_prefix(prefix), TOKEN_DTYPE), (loss_mask_prefix(prefix), MASK_DTYPE)):
             if not IndexedDataset.exists(path_prefix):
                 raise FileNotFoundError(
                     f"dataset {prefix!r}: {path_prefix}.bin/.idx not found "
                     "(write it with tools/preprocess_chatml.py --output-prefix PREFIX)"
                 )
-            check_index(path_prefix)
+            check_index(Path(f"{path_prefix}.idx"), dtype.type, dtype.itemsize)
         self.text = IndexedDataset(text_prefix(prefix))
         self.loss_mask = IndexedDataset(loss_mask_prefix(prefix))
         self.lengths = np.asarray(self.text.sequence_lengths, dtype=np.int64)
@@ -58,8 +61,3 @@ class ConversationDataset:
             np.asarray(self.text[int(index)], dtype=np.int64),
             np.asarray(self.loss_mask[int(index)], dtype=np.uint8),
         )
-
-    def max_token_id(self, chunk_tokens: int = 1 << 24) -> int:
-        """The largest token id in the whole ``.bin``, read in chunks so memory stays bounded."""
-        tokens = np.memmap(f"{text_prefix(self.prefix)}.bin", dtype=self.text.index.dtype, mode="r")
-        return int(max(tokens[start : start + chunk_tokens].max() for start in range(0, len(tokens), chunk_tokens)))

@@ -110,13 +110,15 @@ class SFTSamples:
     def validation_only_datasets(self) -> list[ConversationDataset]:
         return self.datasets[len(self.train_ids) :]
 
-    def check(self, tokenizer_sha256: str | None, embedding_rows: int) -> None:
-        """Stops with a message naming the file when a dataset does not fit the run (see dataset_check)."""
-        check_datasets(self.datasets, tokenizer_sha256, embedding_rows, self.seq_length)
+    def check(self, tokenizer_sha256: str | None, embedding_rows: int) -> list[str]:
+        """Stops with a message naming the file when a dataset does not fit the run (see dataset_check; a collective
+        under torch.distributed); returns warnings (datasets whose files cannot be verified)."""
+        warnings = check_datasets(self.datasets, tokenizer_sha256, embedding_rows, self.seq_length)
         if self.pad_token_id >= embedding_rows:
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} has no row in the model's embedding ({embedding_rows} rows)"
             )
+        return warnings
 
     def check_global_batch(self, global_batch_size: int) -> None:
         """An update draws ``global_batch_size`` conversations (``pad``, ``padfree``) or rows of one or more (``pack``):

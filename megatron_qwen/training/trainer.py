@@ -139,6 +139,7 @@ class Trainer:
         num_micro_batches = config.num_micro_batches(self.world_size)
         self.row_multiple = config.row_multiple(self.world_size)
         self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
+        unverified = checkpointing.verify(self.start, config.checkpoint.skip_verify)
         preset = PRESETS[config.model.preset] if config.model.preset else None
         self.model = checkpointing.model_config(self.start, preset)
         config.check_model(self.model)
@@ -148,7 +149,7 @@ class Trainer:
             data.data_path, data.data_weights, data.valid_fraction, data.rows, data.seq_length, training.seed,
             data.pad_token_id, training.eval_conversations, data.valid_data_path,
         )
-        self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
+        unverified_data = self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
         self.samples.check_global_batch(training.global_batch_size)
         self.chat_settings = self.samples.chat_settings()
         self.train_steps, self.warmup_steps = self.run_length()
@@ -191,7 +192,7 @@ class Trainer:
             f"{self.length_plan()}; "
             f"{self.validation_plan()}"
         )
-        for warning in self.samples.rendering_warnings():
+        for warning in filter(None, [unverified, *unverified_data, *self.samples.rendering_warnings()]):
             self.reporter.print(f"warning: {warning}")
         # torch's and megatron-core's imports, the model and the optimizer leave about half a million objects that live
         # as long as the run; every full collection of the cyclic garbage collector would rescan them (a pause

@@ -36,7 +36,7 @@ def write_dataset(prefix, conversations, sha, seq_length=SEQ):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_qwen.data.dataset_files import data_files
+    from megatron_qwen.data.dataset_files import data_files, file_records
 
     text = IndexedDatasetBuilder(f"{prefix}_text_document.bin", dtype=np.int32)
     masks = IndexedDatasetBuilder(f"{prefix}_loss_mask_document.bin", dtype=np.uint8)
@@ -47,7 +47,7 @@ def write_dataset(prefix, conversations, sha, seq_length=SEQ):
     masks.finalize(f"{prefix}_loss_mask_document.idx")
     stats = {
         "provenance": {"tokenizer": {"kind": "qwen", "sha256": sha}, "seq_length": seq_length},
-        "files": {path.name: path.stat().st_size for path in data_files(prefix)},  # as the data tool records
+        **file_records(data_files(prefix)),  # sizes and digests, as the data tool records them
     }
     Path(f"{prefix}_stats.json").write_text(json.dumps(stats))
     return str(prefix)
