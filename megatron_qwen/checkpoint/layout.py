@@ -39,6 +39,7 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_qwen.checkpoint import writer_processes
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.models.presets import QwenConfig
@@ -69,11 +70,14 @@ def list_iterations(root: str | Path) -> list[int]:
 def latest_iteration(root: str | Path) -> int | None:
     """The iteration the ``latest`` marker names, or None when there is none yet."""
     marker = Path(root) / LATEST
-    if not marker.is_file():
+    if not marker.exists():
         return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{marker}: expected an iteration number, found {text!r}")
+    text = marker.read_bytes().decode(errors="replace").strip() if marker.is_file() else None
+    if text is None or not text.isdigit():
+        found = "a directory" if text is None else repr(text[:40])
+        raise ValueError(
+            f"{marker}: expected an iteration number, found {found} (iterations found: {list_iterations(root) or 'none'})"
+        )
     return int(text)
 
 
@@ -203,7 +207,7 @@ def save_iteration(
     _barrier()
     failure = None
     try:
-        dist_checkpointing.save(sharded_state_dict, str(staging))
+        writer_processes.save(sharded_state_dict, staging)
         if _is_writer():
             for name, content in {MODEL_CONFIG: model_config.to_json() + "\n", **(extra_files or {})}.items():
                 target = staging / name
