@@ -58,8 +58,8 @@ def runs(tmp_path_factory):
         run("padfree", "signalled_while_starting", env={SIGTERM_AT: 0}),
         run("padfree", "nan", env={NAN_AT: 2}, save_interval=1),
         # from a copy of what "nan" left: its checkpoint of update 1, and metrics up to the failed update 2
-        {**run("padfree", "resumed_after_nan", save_interval=1), "copy": [str(work / "padfree" / "nan"),
-                                                                         str(work / "padfree" / "resumed_after_nan")]},
+        {**run("padfree", "resumed_after_nan"), "copy": [str(work / "padfree" / "nan"),
+                                                        str(work / "padfree" / "resumed_after_nan")]},
         run("padfree", "stopped_at_validation", env={SIGTERM_AT: 2}, valid_fraction=0.2, eval_interval=1),
         # after "resumed" finished: the same directory with a longer run is another schedule
         run("padfree", "longer", save_dir="stopped", dropout=0.1, train_steps=STEPS + 2),

@@ -30,6 +30,8 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron_qwen.training import faults
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# looked up here, not in a forked child, where the dynamic loader's lock may be held by a thread that is not there
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 _IGNORED_IN_WRITERS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _saver_pid: int | None = None  # while this process saves: its pid, which the writers it forks are bound to
 
@@ -52,8 +54,8 @@ def _bind_forked_writer() -> None:
         return
     for number in _IGNORED_IN_WRITERS:
         signal.signal(number, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != _saver_pid:  # the saver died before the line above took effect
             os._exit(1)
     faults.slow_writes()
