@@ -15,9 +15,9 @@ from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.step import StepResult
 
 
-def reporter(tmp_path, dataset_names, train_steps=10, start_iteration=0):
+def reporter(tmp_path, dataset_names, train_steps=10, resumed_at=None):
     return Reporter(PRESETS["tiny"], 32, 1, 1, str(tmp_path), writes=True, dataset_names=dataset_names,
-                    train_steps=train_steps, start_iteration=start_iteration)
+                    train_steps=train_steps, resumed_at=resumed_at)
 
 
 def scalars(tmp_path):
@@ -73,7 +73,7 @@ def test_a_resume_drops_the_records_of_the_updates_it_does_again(tmp_path):
     first.close()
     with open(tmp_path / "metrics.jsonl", "a") as records:
         records.write('{"iteration": 4, "lo')  # killed while writing
-    resumed = reporter(tmp_path, ["chat"], start_iteration=2)  # its checkpoint: iteration 2
+    resumed = reporter(tmp_path, ["chat"], resumed_at=2)
     for iteration in (3, 4):
         resumed.step(iteration, dataclasses.replace(result, loss=3.0), 1.0, [0.2])
     resumed.close()

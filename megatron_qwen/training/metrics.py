@@ -53,9 +53,9 @@ def _record_iteration(line: str) -> float:
 
 class Reporter:
     def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool,
-                 dataset_names: list[str], train_steps: int, start_iteration: int):
-        """``start_iteration``: the update the run starts after; records of later ones, from a run that went on past
-        the checkpoint this one resumes, are dropped (the updates are done again)."""
+                 dataset_names: list[str], train_steps: int, resumed_at: int | None):
+        """``resumed_at``: the iteration of the checkpoint a resumed run starts from; records of later updates, from
+        a run that went on past that checkpoint, are dropped (the updates are done again)."""
         self.model = model
         self.dataset_names = dataset_names  # of the training datasets, for their epochs
         self.train_steps = train_steps
@@ -68,11 +68,12 @@ class Reporter:
         if writes and output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             records = Path(output_dir) / "metrics.jsonl"
-            _drop_records_after(records, start_iteration)
+            if resumed_at is not None:
+                _drop_records_after(records, resumed_at)
             self.records = open(records, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(output_dir, purge_step=start_iteration + 1)
+            self.tensorboard = SummaryWriter(output_dir, purge_step=None if resumed_at is None else resumed_at + 1)
         self._interval = []
 
     def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:

@@ -191,7 +191,8 @@ class Trainer:
         self.reporter = Reporter(
             self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
             writes=torch.distributed.get_rank() == 0, dataset_names=dataset_names(data.data_path),
-            train_steps=self.train_steps, start_iteration=self.iteration,
+            train_steps=self.train_steps,
+            resumed_at=self.iteration if self.start.kind == "resume" else None,
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}"
