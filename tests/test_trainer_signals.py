@@ -32,7 +32,7 @@ from workers.trainer_common import fixture_dir, run_args, step_records, updates_
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.training.faults import SLOW_WRITES
 
-STEPS = 5
+STEPS = 8  # more than the parts can reach, however late a signal lands
 WRITE_SECONDS = 2
 
 

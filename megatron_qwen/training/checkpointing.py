@@ -10,7 +10,8 @@ An iteration the trainer writes holds, next to the model weights (at the same na
   layout that saved it.
 
 Where a run starts (``start_point``): the latest checkpoint of ``--save-dir`` when there is one (a resume:
-everything is restored, ``--pretrained-checkpoint`` is ignored), else ``--pretrained-checkpoint`` (finetune
+everything is restored, ``--pretrained-checkpoint`` is ignored; iterations there that no readable ``latest`` names
+stop the run), else ``--pretrained-checkpoint`` (finetune
 semantics: weights only; iteration, optimizer, schedule and data start fresh), else random weights from
 ``--preset``. RNG states are restored only at the layout and on the kind of device (GPU or CPU) that saved them; otherwise each
 rank's RNG continues from the run's seed (megatron's own rule for another layout).

@@ -8,9 +8,10 @@ and says so in its log, when the holder is the same SLURM job (a requeued job: i
 no longer alive on this host, or silent for over ``STALE_SECONDS``; otherwise it stops at once with a message
 naming the holder. Global rank 0 takes and holds it; the other ranks learn the outcome in one collective.
 
-A record is written to a temporary file first; it takes a free lock by a hard link (which fails when a lock is
-there) and a lock it may take over by a rename, read back afterwards: of two runs taking over at once, the one
-whose record is there goes on.
+A record is written to a temporary file first, so that a lock file is always whole; it takes a free lock by a hard
+link (which fails when a lock is there: of two runs starting at once, one gets it) and a lock it may take over by a
+rename, read back afterwards (two runs taking over one abandoned lock within the same few milliseconds could both
+read back their own record; no lock server, no guarantee there).
 """
 from __future__ import annotations
 
