@@ -70,5 +70,5 @@ def main(argv: list[str] | None = None) -> int:
         distributed.destroy()
 
 
-if __name__ == "__main__":  # the guard matters: dist-checkpointing's writer re-imports the main module
+if __name__ == "__main__":  # processes that multiprocessing spawns re-import the main module
     sys.exit(main())

@@ -235,6 +235,18 @@ def test_a_trainer_state_without_what_a_resume_reads_is_named(tmp_path):
         read_trainer_state(folder)
 
 
+def test_a_trainer_state_of_another_iteration_than_its_folder_is_named(tmp_path):
+    from megatron_qwen.training.checkpointing import CheckpointError, read_trainer_state
+
+    folder = make_iteration(tmp_path / "save", 4)
+    state = folder / "trainer_state.json"
+    for iteration in (3, "4"):  # edited by hand
+        state.write_text(json.dumps({"iteration": iteration, "layout": {}, "scheduler": {}, "data": {}}))
+        with pytest.raises(CheckpointError, match=rf"^{state}: iteration {iteration!r} disagrees with its folder "
+                                                  "iter_0000004$"):
+            read_trainer_state(folder)
+
+
 def test_mcore_to_hf_asks_which_chat_settings_when_the_training_data_had_several(tmp_path, capsys):
     from megatron_qwen.models.presets import PRESETS
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, _worker_env, run_python
-from workers.trainer_common import VOCAB, fixture_dir, step_records
+from workers.trainer_common import VOCAB, fixture_dir, step_records, updates_logged
 
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.platform.distributed import free_port
@@ -106,13 +106,6 @@ def ended(script: subprocess.Popen, output: Path, save_dir: str, before: int = 0
         "stderr": Path(f"{output}.err").read_text(),
         "iterations": [record["iteration"] for record in step_records(save_dir)[before:]],
     }
-
-
-def updates_logged(save_dir: str) -> int:
-    """Updates in the run's metrics.jsonl so far, counting only lines written whole (the trainer may be writing)."""
-    metrics = Path(save_dir) / "tensorboard" / "metrics.jsonl"
-    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
-    return sum("loss" in json.loads(line) for line in lines)
 
 
 def launch(output: Path, env: dict, stop_signal: signal.Signals, recipe: Path) -> dict:

@@ -1,5 +1,6 @@
 """On 3 CPU processes: packed rows equal padded rows at pipeline size 3 (a middle stage exists) with 2-row
-micro-batches; and every kind of unusable checkpoint or dataset stops the run with its own message. And the
+micro-batches; and every kind of unusable checkpoint, dataset or save directory (a broken ``latest``, another
+run's lock) stops the run with its own message. And the
 command line: a bad checkpoint exits 2, and a preemption signal while torch is still importing stops the run
 cleanly.
 
@@ -9,9 +10,12 @@ tokens, so the same token-weighted loss, if and only if attention and positions 
 conversation on every stage and for every row of a micro-batch.
 """
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +29,7 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("pp3")
     start = data / "start"
     bad = prepare_bad_checkpoints(start, work)
+    bad_save_dirs = prepare_bad_save_dirs(start, work)
 
     def entry(name, dataset="pairs", checkpoint=start, **settings):
         settings = {"global_batch_size": 6, **settings}  # a multiple of data-parallel size 3
@@ -33,6 +38,8 @@ def runs(tmp_path_factory):
 
     pp3 = {"pipeline_parallel": 3, "micro_batch_size": 2}
     plan = [
+        # first, while the lock's heartbeat is seconds old
+        entry("save_dir_in_use", save_dir=str(bad_save_dirs["save_dir_in_use"])),
         entry("pad_pp3_mbs2", rows="pad", global_batch_size=8, **pp3),
         entry("pack_pp3_mbs2", rows="pack", global_batch_size=4, **pp3),
         entry("missing_checkpoint", checkpoint=work / "no_such_dir"),
@@ -53,9 +60,10 @@ def runs(tmp_path_factory):
         entry("rows_beyond_the_positions", seq_length=4096),
         entry("heads_over_3_ranks", tensor_parallel=3),
         entry("update_beyond_the_data", global_batch_size=27),  # pairs: 24 conversations
-    ]
+    ] + [entry(name, save_dir=str(folder)) for name, folder in bad_save_dirs.items() if name != "save_dir_in_use"]
     ended = run_plan(run_torchrun, 3, plan, work)
-    return ended, {entry["name"]: read_records(work / entry["name"] / "metrics.jsonl") for entry in plan[:2]}
+    runs = ("pad_pp3_mbs2", "pack_pp3_mbs2")
+    return ended, {name: read_records(work / name / "metrics.jsonl") for name in runs}, work
 
 
 def prepare_bad_checkpoints(start, work):
@@ -83,8 +91,24 @@ def prepare_bad_checkpoints(start, work):
     return {"unreadable": unreadable, "shape_mismatch": shape_mismatch, "overwritten": overwritten, "flipped": flipped}
 
 
+def prepare_bad_save_dirs(start, work):
+    """Save directories holding iteration 0 (a copy of ``start``) that a run must not start in: ``latest`` missing,
+    a directory or garbage; a directory another run (this process, as far as the lock can tell) is writing to."""
+    folders = {}
+    for name in ("latest_missing", "latest_a_directory", "latest_garbage", "save_dir_in_use"):
+        folders[name] = work / name
+        shutil.copytree(start, folders[name])
+    for name in ("latest_missing", "latest_a_directory", "latest_garbage"):
+        (folders[name] / "latest").unlink()
+    (folders["latest_a_directory"] / "latest").mkdir()
+    (folders["latest_garbage"] / "latest").write_bytes(b"\xffoops\n")
+    (folders["save_dir_in_use"] / "writer.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "job": "1234", "heartbeat": time.time()}))
+    return folders
+
+
 def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
-    ended, records = runs
+    ended, records, _ = runs
     assert ended["pad_pp3_mbs2"]["ended"] == ended["pack_pp3_mbs2"]["ended"] == "done"
     padded, packed = records["pad_pp3_mbs2"], records["pack_pp3_mbs2"]
     assert [r["conversations"] for r in packed] == [r["conversations"] for r in padded] == [8, 8]
@@ -117,12 +141,32 @@ def test_packed_equals_padded_at_pipeline_size_3_with_2_row_micro_batches(runs):
          "--tensor-parallel: tiny-test's 4 num attention heads do not split evenly over 3 ranks"),
         ("update_beyond_the_data", "ValueError",
          "--global-batch-size 27: one update would draw more than the 24 training conversations (an epoch)"),
+        ("latest_missing", "CheckpointError", "latest_missing has no 'latest' marker: not a megatron-qwen checkpoint "
+         "directory (iterations found: [0])"),
+        ("latest_a_directory", "CheckpointError",
+         "latest_a_directory/latest: expected an iteration number, found a directory (iterations found: [0])"),
+        ("latest_garbage", "CheckpointError",
+         "latest_garbage/latest: expected an iteration number, found '\ufffdoops' (iterations found: [0])"),
+        ("save_dir_in_use", "CheckpointError",
+         f"save_dir_in_use is in use by another run (host {socket.gethostname()}, pid {os.getpid()}, SLURM job 1234"),
     ],
 )
 def test_unusable_inputs_stop_with_their_message(runs, name, error, message):
-    ended, _ = runs
+    ended, _, _ = runs
     assert ended[name]["ended"] == error
     assert message in ended[name]["message"]
+
+
+def test_a_save_dir_a_run_cannot_start_in_is_left_as_it_was(runs):
+    # no start from scratch over iterations that no readable 'latest' names, and the holder's lock untouched
+    _, _, work = runs
+    left = {name: sorted(path.name for path in (work / name).iterdir())
+            for name in ("latest_missing", "latest_a_directory", "latest_garbage", "save_dir_in_use")}
+    assert left == {
+        "latest_missing": ["iter_0000000"], "latest_a_directory": ["iter_0000000", "latest"],
+        "latest_garbage": ["iter_0000000", "latest"], "save_dir_in_use": ["iter_0000000", "latest", "writer.lock"],
+    }
+    assert json.loads((work / "save_dir_in_use" / "writer.lock").read_text())["pid"] == os.getpid()
 
 
 def run_command_line(*arguments) -> subprocess.CompletedProcess:

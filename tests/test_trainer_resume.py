@@ -1,8 +1,8 @@
 """Checkpoints of the trainer on 4 CPU processes: stop-and-resume is bit-exact with dropout 0.1 and the
 distributed optimizer on torch AdamW; a resume at another TP/PP layout and micro-batch size continues within
 float32 tolerance; SIGTERM saves and exits (before a validation due at that update), and during start-up exits
-before any update, saving nothing; a NaN loss stops without a new checkpoint. A run keeps the objects of its
-start-up out of the garbage collector's scans.
+before any update, saving nothing; a NaN loss stops without a new checkpoint, and a resume from the checkpoint
+before it logs each update once. A run keeps the objects of its start-up out of the garbage collector's scans.
 
 The resumes are checked for packed rows (``--rows pack``) and for the trainer's default, ``--rows padfree``,
 whose number of rows and micro-batches changes from update to update and, on the other layout, follows the new
@@ -57,6 +57,9 @@ def runs(tmp_path_factory):
     plan += [
         run("padfree", "signalled_while_starting", env={SIGTERM_AT: 0}),
         run("padfree", "nan", env={NAN_AT: 2}, save_interval=1),
+        # from a copy of what "nan" left: its checkpoint of update 1, and metrics up to the failed update 2
+        {**run("padfree", "resumed_after_nan"), "copy": [str(work / "padfree" / "nan"),
+                                                        str(work / "padfree" / "resumed_after_nan")]},
         run("padfree", "stopped_at_validation", env={SIGTERM_AT: 2}, valid_fraction=0.2, eval_interval=1),
         # after "resumed" finished: the same directory with a longer run is another schedule
         run("padfree", "longer", save_dir="stopped", dropout=0.1, train_steps=STEPS + 2),
@@ -159,6 +162,16 @@ def test_nan_loss_stops_without_a_new_checkpoint(runs):
     assert "iteration 2: loss nan" in results["nan"]["message"]
     assert layout.latest_iteration(work / "nan") == 1
     assert layout.list_iterations(work / "nan") == [1]
+
+
+def test_a_resume_from_before_the_last_logged_update_logs_each_update_once(runs):
+    # "nan" logged updates 1 and 2 (NaN) but saved only 1: the resume does 2 again, and its metrics.jsonl holds the
+    # new record of update 2 alone, so that the file reads as the uninterrupted run's
+    results, work = regime(runs, "padfree")
+    assert results["resumed_after_nan"]["ended"] == "done"
+    resumed, reference = step_records(work / "resumed_after_nan"), step_records(work / "full_no_dropout")
+    assert [r["iteration"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
 
 
 def test_keeps_the_last_checkpoints_and_exports_a_trained_one(mode, tmp_path):

@@ -1,8 +1,10 @@
 """What the trainer reports, read back from the files it writes: metrics.jsonl and TensorBoard's event files.
 
-The numbers are made up and the expected values worked out by hand: the held-out loss of blended datasets is the
+A resume from an earlier checkpoint than the last update logged (a killed run) does those updates again: their
+first records are dropped, so that each update has one. The numbers are made up and the expected values worked out by hand: the held-out loss of blended datasets is the
 supervised-token-weighted mean of their parts, and each blended dataset's epochs get a TensorBoard tag of its name.
 """
+import dataclasses
 import json
 
 import pytest
@@ -13,9 +15,9 @@ from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.step import StepResult
 
 
-def reporter(tmp_path, dataset_names, train_steps=10):
+def reporter(tmp_path, dataset_names, train_steps=10, resumed_at=None):
     return Reporter(PRESETS["tiny"], 32, 1, 1, str(tmp_path), writes=True, dataset_names=dataset_names,
-                    train_steps=train_steps)
+                    train_steps=train_steps, resumed_at=resumed_at)
 
 
 def scalars(tmp_path):
@@ -59,3 +61,24 @@ def test_a_single_dataset_reports_one_epoch_and_one_held_out_loss(tmp_path):
     assert not any(tag.startswith("validation_loss/") for tag in tags)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1]) == pytest.approx(
         {"iteration": 3, "validation_loss": 1.5})
+
+
+def test_a_resume_drops_the_records_of_the_updates_it_does_again(tmp_path):
+    result = StepResult(loss=2.0, grad_norm=1.5, lr=1e-5, skipped=False, tokens=100, supervised_tokens=40,
+                        conversations=4, rows=2)
+    first = reporter(tmp_path, ["chat"])
+    for iteration in (1, 2, 3):
+        first.step(iteration, result, 1.0, [0.1])
+    first.validation(2, {"held-out": (1.0, 30)}, ["held-out"])
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as records:
+        records.write('{"iteration": 4, "lo')  # killed while writing
+    resumed = reporter(tmp_path, ["chat"], resumed_at=2)
+    for iteration in (3, 4):
+        resumed.step(iteration, dataclasses.replace(result, loss=3.0), 1.0, [0.2])
+    resumed.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["iteration"], record.get("loss")) for record in records] == [
+        (1, 2.0), (2, 2.0), (2, None), (3, 3.0), (4, 3.0)
+    ]
+    assert [step for step, _ in scalars(tmp_path)["loss"]] == [1, 2, 3, 4]  # TensorBoard's steps 3 purged too

@@ -40,7 +40,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_qwen.checkpoint import manifest
+from megatron_qwen.checkpoint import manifest, writer_processes
 from megatron_qwen.checkpoint.manifest import sha256_file
 from megatron_qwen.checkpoint.mapping import EMBEDDING
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
@@ -72,11 +72,14 @@ def list_iterations(root: str | Path) -> list[int]:
 def latest_iteration(root: str | Path) -> int | None:
     """The iteration the ``latest`` marker names, or None when there is none yet."""
     marker = Path(root) / LATEST
-    if not marker.is_file():
+    if not marker.exists():
         return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{marker}: expected an iteration number, found {text!r}")
+    text = marker.read_bytes().decode(errors="replace").strip() if marker.is_file() else None
+    if text is None or not text.isdigit():
+        found = "a directory" if text is None else repr(text[:40])
+        raise ValueError(
+            f"{marker}: expected an iteration number, found {found} (iterations found: {list_iterations(root) or 'none'})"
+        )
     return int(text)
 
 
@@ -228,7 +231,7 @@ def save_iteration(
     _barrier()
     failure, shards = None, {}
     try:
-        dist_checkpointing.save(sharded_state_dict, str(staging))
+        writer_processes.save(sharded_state_dict, staging)
         shards = manifest.describe(staging, manifest.own_shards(staging, rank_and_size()[0]))  # (manifest's docstring)
     except (Exception, CheckpointException) as error:  # torch's checkpoint errors are BaseExceptions
         failure = error

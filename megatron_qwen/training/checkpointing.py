@@ -10,7 +10,8 @@ An iteration the trainer writes holds, next to the model weights (at the same na
   layout that saved it.
 
 Where a run starts (``start_point``): the latest checkpoint of ``--save-dir`` when there is one (a resume:
-everything is restored, ``--pretrained-checkpoint`` is ignored), else ``--pretrained-checkpoint`` (finetune
+everything is restored, ``--pretrained-checkpoint`` is ignored; iterations there that no readable ``latest`` names
+stop the run), else ``--pretrained-checkpoint`` (finetune
 semantics: weights only; iteration, optimizer, schedule and data start fresh), else random weights from
 ``--preset``. RNG states are restored only at the layout and on the kind of device (GPU or CPU) that saved them; otherwise each
 rank's RNG continues from the run's seed (megatron's own rule for another layout).
@@ -55,8 +56,10 @@ class StartPoint:
 
 
 def start_point(save_dir: str | None, pretrained: str | None) -> StartPoint:
-    """The checkpoint a run starts from (module docstring); missing or incomplete ones raise ``CheckpointError``."""
-    if save_dir is not None and layout.latest_iteration(save_dir) is not None:
+    """The checkpoint a run starts from (module docstring); missing or incomplete ones raise ``CheckpointError``,
+    as does a ``--save-dir`` whose iterations no readable ``latest`` names (a start from scratch would overwrite
+    them)."""
+    if save_dir is not None and (layout.list_iterations(save_dir) or (Path(save_dir) / layout.LATEST).exists()):
         return StartPoint("resume", _resolve(save_dir, "--save-dir"), "--save-dir")
     if pretrained is not None:
         return StartPoint("pretrained", _resolve(pretrained, "--pretrained-checkpoint"), "--pretrained-checkpoint")
@@ -203,6 +206,8 @@ TRAINER_STATE_KEYS = ("iteration", "layout", "scheduler", "data")  # what a resu
 
 
 def read_trainer_state(iteration_dir: Path) -> dict:
+    """``trainer_state.json`` of ``iteration_dir``, checked to hold every entry a resume restores and the iteration
+    the folder is named after."""
     path = iteration_dir / TRAINER_STATE
     try:
         state = json.loads(path.read_text())
@@ -214,6 +219,9 @@ def read_trainer_state(iteration_dir: Path) -> dict:
     missing = [key for key in TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path}: has no {', '.join(missing)}; it was edited or not written by the trainer")
+    iteration = state["iteration"]
+    if not isinstance(iteration, int) or layout.iteration_name(iteration) != iteration_dir.name:
+        raise CheckpointError(f"{path}: iteration {iteration!r} disagrees with its folder {iteration_dir.name}")
     return state
 
 

@@ -23,7 +23,8 @@ class StopRequest:
             signal.signal(number, self._record)
 
     def _record(self, number, frame) -> None:
-        self.received = signal.Signals(number).name
+        # the first one names the stop: a launcher may pass on another while the run saves
+        self.received = self.received or signal.Signals(number).name
 
     @property
     def reason(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -30,9 +31,31 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{second:02d}"
 
 
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Rewrites the JSON-lines file ``path`` (atomically) without the records past ``iteration``, and without a line
+    a killed run left unfinished."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _record_iteration(line) <= iteration]
+    if len(kept) < len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+def _record_iteration(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a record
+
+
 class Reporter:
     def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool,
-                 dataset_names: list[str], train_steps: int):
+                 dataset_names: list[str], train_steps: int, resumed_at: int | None):
+        """``resumed_at``: the iteration of the checkpoint a resumed run starts from; records of later updates, from
+        a run that went on past that checkpoint, are dropped (the updates are done again)."""
         self.model = model
         self.dataset_names = dataset_names  # of the training datasets, for their epochs
         self.train_steps = train_steps
@@ -44,10 +67,13 @@ class Reporter:
         self.tensorboard = None
         if writes and output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.records = open(Path(output_dir) / "metrics.jsonl", "a")
+            records = Path(output_dir) / "metrics.jsonl"
+            if resumed_at is not None:
+                _drop_records_after(records, resumed_at)
+            self.records = open(records, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(output_dir)
+            self.tensorboard = SummaryWriter(output_dir, purge_step=None if resumed_at is None else resumed_at + 1)
         self._interval = []
 
     def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:

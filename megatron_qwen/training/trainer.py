@@ -27,7 +27,7 @@ from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.platform import distributed
 from megatron_qwen.platform.wgrad_accumulation import provide_wgrad_accumulation
-from megatron_qwen.training import checkpointing, faults
+from megatron_qwen.training import checkpointing, faults, save_dir_lock
 from megatron_qwen.training.config import RunConfig
 from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.metrics import Reporter
@@ -134,6 +134,17 @@ class Trainer:
             seed=training.seed,
             timeout_minutes=parallel.distributed_timeout_minutes,
         )
+        # before anything reads the save directory (training/save_dir_lock.py)
+        self.save_dir_lock = save_dir_lock.take(config.checkpoint.save_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _set_up(self) -> None:
+        config = self.config
+        parallel, training = config.parallel, config.training
         self.last_saved: int | None = None
         self.world_size = torch.distributed.get_world_size()
         num_micro_batches = config.num_micro_batches(self.world_size)
@@ -182,6 +193,7 @@ class Trainer:
             self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
             writes=torch.distributed.get_rank() == 0, dataset_names=dataset_names(data.data_path),
             train_steps=self.train_steps,
+            resumed_at=self.iteration if self.start.kind == "resume" else None,
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}"
@@ -194,6 +206,8 @@ class Trainer:
         )
         for warning in filter(None, [unverified, *unverified_data, *self.samples.rendering_warnings()]):
             self.reporter.print(f"warning: {warning}")
+        if self.save_dir_lock is not None and self.save_dir_lock.taken_over:
+            self.reporter.print(f"warning: {self.save_dir_lock.taken_over}")
         # torch's and megatron-core's imports, the model and the optimizer leave about half a million objects that live
         # as long as the run; every full collection of the cyclic garbage collector would rescan them (a pause
         # on one rank that the others wait for at the next collective). They are moved out of its sight, after
@@ -331,6 +345,11 @@ class Trainer:
                 clock.reset()
         return "done"
 
+    def _release_lock(self) -> None:
+        if self.save_dir_lock is not None:
+            self.save_dir_lock.release()
+            self.save_dir_lock = None
+
     def stop_message(self, reason: str) -> str:
         """The last log line of a run stopped by ``reason`` (a signal): what it saved, and how to go on."""
         where = f"stopped by {reason} at iteration {self.iteration}"
@@ -342,4 +361,5 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.close()
+        self._release_lock()
         gc.unfreeze()  # a later trainer in this process (tests, the benchmark) may leave this one's cycles to collect

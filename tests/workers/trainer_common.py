@@ -146,3 +146,10 @@ def run_plan(run_torchrun, nproc, plan, work_dir):
 def step_records(save_dir):
     """The per-update records (not the validation ones) of the run that saved into ``save_dir``."""
     return [record for record in read_records(Path(save_dir) / "tensorboard" / "metrics.jsonl") if "loss" in record]
+
+
+def updates_logged(save_dir) -> int:
+    """Updates in the run's metrics.jsonl so far, counting only lines written whole (the trainer may be writing)."""
+    metrics = Path(save_dir) / "tensorboard" / "metrics.jsonl"
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+    return sum("loss" in json.loads(line) for line in lines)

@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc-per-node N trainer_runs.py PLAN_JSON RESULT_JSON
 
-PLAN_JSON is a list of runs: ``{"name", "flags": [...], "env": {VAR: value}}``. Each run builds a fresh
+PLAN_JSON is a list of runs: ``{"name", "flags": [...], "env": {VAR: value}, "copy": [FROM, TO]}`` (``copy``,
+optional: a directory copied before the run, e.g. another run's save directory to resume). Each run builds a fresh
 ``Trainer`` from the flags (megatron's parallel groups are rebuilt, the process group is kept) and records
 on rank 0 how it ended: ``"done"``, the signal's name, or the error's class and message; how many objects
 the garbage collector had frozen once the trainer was built and after it closed, and whether a reference cycle
@@ -12,6 +13,7 @@ come from the runs' own metrics.jsonl files, which the test reads.
 import gc
 import json
 import os
+import shutil
 import sys
 import weakref
 
@@ -69,6 +71,10 @@ def main(plan_path, result_path):
         plan = json.load(f)
     results = {}
     for entry in plan:
+        if "copy" in entry:
+            if torch.distributed.get_rank() == 0:
+                shutil.copytree(*entry["copy"])
+            torch.distributed.barrier()
         results[entry["name"]] = run(entry["flags"], entry.get("env", {}))
     if torch.distributed.get_rank() == 0:
         with open(result_path, "w") as f:
