@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from megatron_qwen.checkpoint import layout, manifest
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing
 from megatron_qwen.training.config import parse_config
+from megatron_qwen.training.interrupts import StopRequest
 from megatron_qwen.training.trainer import Trainer
 from workers import trainer_common
 
@@ -230,3 +232,11 @@ def test_a_legacy_iteration_without_a_manifest_loads_with_a_warning(trained, tmp
                                     str(tmp_path / "hf")]) == 0
     assert f"warning: {warning}" in capsys.readouterr().err
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_trainers_in_a_process_give_back_its_signal_handlers(trained):
+    # the module's trainers (the fixture's, closed, and the refused start-ups) recorded SIGTERM while they ran; a
+    # handler left behind would keep this process, and every process it forks, from ending on SIGTERM
+    start_error(trained.flags(trained.dir / "no_such_start", start=trained.dir / "missing"))
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        assert not isinstance(getattr(signal.getsignal(number), "__self__", None), StopRequest)

@@ -5,6 +5,7 @@ import errno
 import gzip
 import importlib.util
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from megatron_qwen.data.chatml import ChatMLRenderer, Message, with_system_promp
 from megatron_qwen.data import writer as writer_module
 from megatron_qwen.data.dataset_files import DatasetFilesError, OutputError, read_stats
 from megatron_qwen.data.encode import EncodeSettings
+from megatron_qwen.data import preprocess
 from megatron_qwen.data.preprocess import InputError, PreprocessJob, run
 from megatron_qwen.data.tokenizer import load_tokenizer
 
@@ -178,14 +180,30 @@ def test_copies_without_sendfile_give_the_same_bytes(tmp_path, monkeypatch):
     assert len(kernel) == 4 and list(kernel.values()) == list(buffered.values())
 
 
-def test_bad_row_with_two_workers_stops_and_leaves_nothing(tmp_path):
+def bad_input(tmp_path) -> Path:
     path = many_conversations(tmp_path / "many.jsonl", 300)
     lines = path.read_text(encoding="utf-8").splitlines()
     lines[250] = '{"messages": []}'
-    write_jsonl(path, lines)
+    return write_jsonl(path, lines)
+
+
+def test_bad_row_with_two_workers_stops_and_leaves_nothing(tmp_path):
+    path = bad_input(tmp_path)
     with pytest.raises(InputError, match=rf"^{path}:251: empty conversation"):
         run(job([path], tmp_path / "bad", workers=2, batch_bytes=4096))
     assert os.listdir(tmp_path) == ["many.jsonl"]
+
+
+def test_workers_end_on_sigterm_where_the_caller_only_records_it():
+    # a caller whose SIGTERM handler only records (a trainer earlier in the same process) must not hand that handler
+    # to the forked workers: the pool's terminate() sends them SIGTERM, and its join() waits for them to end
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: None)
+    try:
+        with multiprocessing.get_context("fork").Pool(1, initializer=preprocess._set_worker_encoder,
+                                                      initargs=(None,)) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_incomplete_dataset_is_refused(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import multiprocessing
+import signal
 import os
 import sys
 import time
@@ -184,6 +185,9 @@ _worker_encode: _BatchFileEncoder | None = None
 def _set_worker_encoder(encode: _BatchFileEncoder) -> None:
     global _worker_encode
     _worker_encode = encode
+    # forked workers inherit the caller's handlers; a caller that records SIGTERM (a trainer in the same process)
+    # would leave them deaf to the pool's terminate(), and the pool's join() waiting forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encode_in_worker(number: int, rows: list[Row]) -> BatchSummary:

@@ -19,8 +19,14 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     def __init__(self):
         self.received: str | None = None
-        for number in SIGNALS:
-            signal.signal(number, self._record)
+        self.previous = {number: signal.signal(number, self._record) for number in SIGNALS}
+
+    def release(self) -> None:
+        """Puts back the handlers there were before: a process that goes on after the run (tests, the benchmark)
+        must not keep recording signals for it, nor pass that on to the processes it forks (which a SIGTERM
+        would then no longer end)."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def _record(self, number, frame) -> None:
         # the first one names the stop: a launcher may pass on another while the run saves

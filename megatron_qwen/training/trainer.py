@@ -126,20 +126,21 @@ class Trainer:
         # first: a preemption signal during start-up (the rendezvous waits for the last node, a large checkpoint
         # loads for minutes) then stops the run cleanly instead of killing it, which a requeueing launcher would
         # take for a failure
-        self.stop = stop if stop is not None else StopRequest()
-        distributed.initialize(
-            tensor_parallel=parallel.tensor_parallel,
-            pipeline_parallel=parallel.pipeline_parallel,
-            virtual_pipeline_parallel=parallel.virtual_pipeline,
-            seed=training.seed,
-            timeout_minutes=parallel.distributed_timeout_minutes,
-        )
-        # before anything reads the save directory (training/save_dir_lock.py)
-        self.save_dir_lock = save_dir_lock.take(config.checkpoint.save_dir)
+        self.stop, self.owns_stop = (stop, False) if stop is not None else (StopRequest(), True)
+        self.save_dir_lock = None
         try:
+            distributed.initialize(
+                tensor_parallel=parallel.tensor_parallel,
+                pipeline_parallel=parallel.pipeline_parallel,
+                virtual_pipeline_parallel=parallel.virtual_pipeline,
+                seed=training.seed,
+                timeout_minutes=parallel.distributed_timeout_minutes,
+            )
+            # before anything reads the save directory (training/save_dir_lock.py)
+            self.save_dir_lock = save_dir_lock.take(config.checkpoint.save_dir)
             self._set_up()
         except BaseException:
-            self._release_lock()
+            self._release()
             raise
 
     def _set_up(self) -> None:
@@ -345,7 +346,11 @@ class Trainer:
                 clock.reset()
         return "done"
 
-    def _release_lock(self) -> None:
+    def _release(self) -> None:
+        """Gives back what the run holds beyond its objects: the save directory's lock and, when the trainer
+        installed them, the signal handlers."""
+        if self.owns_stop:
+            self.stop.release()
         if self.save_dir_lock is not None:
             self.save_dir_lock.release()
             self.save_dir_lock = None
@@ -361,5 +366,5 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.close()
-        self._release_lock()
+        self._release()
         gc.unfreeze()  # a later trainer in this process (tests, the benchmark) may leave this one's cycles to collect
