@@ -80,12 +80,12 @@ def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
     out = tmp_path / "out.json"
     run_python("convert_save_iterations.py", tmp_path / "root", out)
     result = json.loads(out.read_text())
-    assert result["iterations"] == [2, 3] and result["latest"] == 3
-    assert result["entries"] == ["iter_0000002", "iter_0000003", "latest"]  # no .partial or .old left
+    assert result["iterations"] == [3, 4] and result["latest"] == 4
+    assert result["entries"] == ["iter_0000003", "iter_0000004", "latest"]  # no .partial or .old left
     assert "junk" not in result["files"]  # the stale .partial was discarded, not renamed into place
     assert {"metadata.json", "model_config.json", "tokenizer/manifest.json", "tokenizer/tokenizer.json",
             "trainer/state.json"} <= set(result["files"])
-    assert result["loaded"] == [[3.0] * 3] * 4
+    assert result["loaded"] == [[4.0] * 3] * 4
     assert result["config"] == "tiny"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(result["manifest"]["files"])
     assert result["manifest"]["vocab_file"] == "tokenizer.json"

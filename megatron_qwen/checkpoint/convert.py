@@ -89,8 +89,8 @@ def mcore_to_hf(
     try:
         dtype = _export_weights(iteration_dir, cfg, entries, SafetensorsShardWriter(staging, max_shard_bytes))
         (staging / "config.json").write_text(json.dumps(LAYOUTS[hf_format].hf_config(cfg, dtype), indent=2) + "\n")
-        for source in tokenizer.files:
-            shutil.copyfile(source, staging / source.name)
+        for name, content in layout.tokenizer_files(tokenizer).items():
+            (staging / name).write_bytes(content)
         hf_chat.write_chat_files(staging, tokenizer.manifest["kind"], system_prompt, reasoning_history)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,6 +27,7 @@ file system all ranks share.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -135,8 +136,10 @@ def tokenizer_manifest(iteration_dir: str | Path) -> dict:
 @dataclass(frozen=True)
 class StoredTokenizer:
     """An iteration's tokenizer as its manifest records it: what a run that only checks and copies the
-    tokenizer needs (a trainer), without the encoder that ``load_tokenizer`` builds (~1 s per process)."""
-    files: list[Path]
+    tokenizer needs (a trainer), without the encoder that ``load_tokenizer`` builds (~1 s per process). The files'
+    bytes are read once, at the start: a run resumed from an iteration writes them into its own iterations, and
+    pruning may delete the one they came from."""
+    contents: dict[str, bytes]
     manifest: dict
 
     @property
@@ -149,7 +152,15 @@ class StoredTokenizer:
 
 def stored_tokenizer(iteration_dir: str | Path) -> StoredTokenizer:
     manifest = tokenizer_manifest(iteration_dir)
-    return StoredTokenizer([tokenizer_dir(iteration_dir) / name for name in manifest["files"]], manifest)
+    folder = tokenizer_dir(iteration_dir)
+    return StoredTokenizer({name: (folder / name).read_bytes() for name in manifest["files"]}, manifest)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """Name -> bytes of the files of a ``StoredTokenizer`` or of a loaded ``ChatTokenizer``."""
+    if isinstance(tokenizer, StoredTokenizer):
+        return tokenizer.contents
+    return {source.name: source.read_bytes() for source in tokenizer.files}
 
 
 def chat_settings(system_prompts: list[str], reasoning_history: list[str]) -> str:
@@ -304,9 +315,9 @@ def prune(root: str | Path, keep_last: int) -> None:
 def _write_tokenizer(folder: Path, tokenizer) -> None:
     folder.mkdir()
     files = {}
-    for source in tokenizer.files:
-        shutil.copyfile(source, folder / source.name)
-        files[source.name] = sha256_file(folder / source.name)
+    for name, content in tokenizer_files(tokenizer).items():
+        (folder / name).write_bytes(content)
+        files[name] = hashlib.sha256(content).hexdigest()
     manifest = {**tokenizer.provenance(), "files": files}
     (folder / TOKENIZER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

