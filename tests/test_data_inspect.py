@@ -49,3 +49,12 @@ def test_hf_dataset_needs_its_tokenizer(tmp_path, capsys):
     assert content[0] == 151667 and content[-1] == 151668
     assert " ".join(f"{i}:1" for i in content) + " 151645:1 198:0" in out
     assert inspect_main()([str(prefix), "--index", "5", "--tokenizer", str(hf_tokenizer_dir())]) == 1
+
+
+def test_a_damaged_index_is_named_not_a_traceback(tmp_path, capsys):
+    prefix = tmp_path / "d"
+    run(PreprocessJob(inputs=[SAMPLES[0]], tokenizer="qwen", output_prefix=prefix, progress=False))
+    index = tmp_path / "d_loss_mask_document.idx"
+    index.write_bytes(b"JUNKJUNKJ" + index.read_bytes()[9:])  # megatron-core's reader asserts on its magic
+    assert inspect_main()([str(prefix), "--colour", "never"]) == 1
+    assert capsys.readouterr().err == f"error: {index}: not a megatron-core index (bad magic); rebuild the dataset\n"

@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 
 from megatron_qwen.data.dataset_files import indexed_dataset_module, loss_mask_prefix, read_stats, text_prefix
+from megatron_qwen.data.writer import check_indexes
 
 SUPERVISED_COLOUR, RESET = "\033[1;32m", "\033[0m"
 OPEN_MARK, CLOSE_MARK = "[[", "]]"
@@ -18,6 +19,7 @@ OPEN_MARK, CLOSE_MARK = "[[", "]]"
 def open_dataset(prefix):
     """The (token ids, loss mask) IndexedDatasets of a complete dataset, and its stats."""
     stats = read_stats(prefix)
+    check_indexes(prefix)
     IndexedDataset = indexed_dataset_module().IndexedDataset
     return IndexedDataset(text_prefix(prefix)), IndexedDataset(loss_mask_prefix(prefix)), stats
 

@@ -19,11 +19,18 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from megatron_qwen.data.dataset_files import (StagedDataset, indexed_dataset_module, loss_mask_prefix, rejects_path,
-                                              text_prefix)
+from megatron_qwen.data.dataset_files import (StagedDataset, check_index, indexed_dataset_module, loss_mask_prefix,
+                                              rejects_path, text_prefix)
 from megatron_qwen.data.encode import BatchSummary, EncodedBatch, Reject
 
 TOKEN_DTYPE, MASK_DTYPE = np.dtype(np.int32), np.dtype(np.uint8)
+
+
+def check_indexes(prefix: str | Path) -> None:
+    """``dataset_files.check_index`` of PREFIX's two indexes, as this module writes them, before megatron-core opens
+    them (it would fail on a damaged one with an assertion or a numpy error naming no file)."""
+    for path_prefix, dtype in ((text_prefix(prefix), TOKEN_DTYPE), (loss_mask_prefix(prefix), MASK_DTYPE)):
+        check_index(Path(f"{path_prefix}.idx"), dtype.type, dtype.itemsize)
 
 
 def batch_file(folder: Path, number: int) -> Path:

@@ -7,13 +7,12 @@ the tokens before it, so a conversation of ``n`` tokens gives ``n - 1`` model po
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_qwen.data.dataset_files import check_index, loss_mask_prefix, text_prefix
-from megatron_qwen.data.writer import MASK_DTYPE, TOKEN_DTYPE
+from megatron_qwen.data.dataset_files import loss_mask_prefix, text_prefix
+from megatron_qwen.data.writer import check_indexes
 
 
 class ConversationDataset:
@@ -21,13 +20,13 @@ class ConversationDataset:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        for path_prefix, dtype in ((text_prefix(prefix), TOKEN_DTYPE), (loss_mask_prefix(prefix), MASK_DTYPE)):
+        for path_prefix in (text_prefix(prefix), loss_mask_prefix(prefix)):
             if not IndexedDataset.exists(path_prefix):
                 raise FileNotFoundError(
                     f"dataset {prefix!r}: {path_prefix}.bin/.idx not found "
                     "(write it with tools/preprocess_chatml.py --output-prefix PREFIX)"
                 )
-            check_index(Path(f"{path_prefix}.idx"), dtype.type, dtype.itemsize)
+        check_indexes(prefix)
         self.text = IndexedDataset(text_prefix(prefix))
         self.loss_mask = IndexedDataset(loss_mask_prefix(prefix))
         self.lengths = np.asarray(self.text.sequence_lengths, dtype=np.int64)
