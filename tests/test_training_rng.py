@@ -4,6 +4,7 @@ without a check and fails at the first dropout on the other kind. Restoring stat
 generator as it is (the run goes on from its seed) and say why; checkpoints from before the device kind was
 recorded are told apart by the states' size."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +74,20 @@ def test_states_of_the_same_kind_are_restored(tracker, device):
 
 def test_captured_states_record_their_device_kind(tracker):
     assert rng.capture()["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_checkpoint_from_before_the_device_kind_holds_cpu_states_told_by_their_size():
+    # the committed legacy iteration (written by the trainer on this CPU before states recorded their kind)
+    from megatron.core import dist_checkpointing
+
+    from megatron_qwen.platform import distributed
+
+    iteration = Path(__file__).parent / "data_fixtures" / "legacy" / "checkpoint" / "iter_0000001"
+    distributed.initialize(seed=1)
+    try:
+        states = dist_checkpointing.load({rng.KEY: rng.sharded_object()}, str(iteration))[rng.KEY]
+    finally:
+        distributed.destroy()
+    assert "device" not in states
+    assert {state.numel() for state in states["tracker"].values()} == {5056}
+    assert rng.saved_kind(states) == "cpu"
