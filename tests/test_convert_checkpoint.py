@@ -19,7 +19,6 @@ Weights are re-drawn (``hf_models.random_qwen2``) so that a misplaced norm or bi
 """
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import REPO, run_python, run_torchrun
+from conftest import REPO, _worker_env, run_python, run_torchrun
 from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
                        write_qwen1_checkpoint)
 
@@ -237,9 +236,8 @@ def test_export_writes_safetensors_shards_with_an_index(converted):
 
 
 def run_verify(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, str(REPO / "tools" / "verify_conversion.py"), *map(str, args)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=_worker_env(), capture_output=True, text=True, timeout=300)
 
 
 def reported(stdout: str, what: str) -> float:

@@ -6,6 +6,7 @@ timeout, in megatron's groups and in the world group (where checkpoint saves wai
 torch's or megatron's defaults (10 or 30 minutes) would keep it waiting until the late rank left.
 """
 import json
+import os
 import random
 import socket
 
@@ -34,3 +35,20 @@ def test_free_ports_are_bindable_below_the_ephemeral_range_and_leave_the_seeded_
     assert all(20000 <= port < 32768 for port in ports) and len(set(ports)) > 1
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", ports[0]))
+
+
+def test_a_single_process_takes_back_the_rendezvous_address_it_filled_in(monkeypatch):
+    # a process that goes on after a run (tests, tools) must not hand its port to the processes it starts later
+    from megatron_qwen.platform import distributed
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as a launcher sets it: left alone
+    for launcher_var in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(launcher_var, raising=False)
+    distributed.initialize(seed=1)
+    try:
+        assert "MASTER_PORT" in os.environ
+    finally:
+        distributed.destroy()
+    assert "MASTER_PORT" not in os.environ
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"

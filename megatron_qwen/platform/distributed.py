@@ -69,12 +69,16 @@ def initialize(
 
 
 def destroy() -> None:
-    """Tears down megatron-core's groups and the process group (safe to call twice)."""
+    """Tears down megatron-core's groups and the process group (safe to call twice), and takes back the rendezvous
+    address ``initialize`` filled in: a process that goes on (tests, tools) would otherwise hand it to the processes
+    it starts, which would then try to bind a port this one may still hold."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    while _filled:
+        os.environ.pop(_filled.pop(), None)
 
 
 def on_any_rank(*flags: bool) -> tuple[bool, ...]:
@@ -109,13 +113,22 @@ def _launch_environment() -> tuple[int, int, int]:
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = first_slurm_host(env["SLURM_NODELIST"])
-        env.setdefault("MASTER_PORT", _DEFAULT_PORT)
+        _fill("MASTER_ADDR", lambda: first_slurm_host(env["SLURM_NODELIST"]))
+        _fill("MASTER_PORT", lambda: _DEFAULT_PORT)
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(free_port()))
+    _fill("MASTER_ADDR", lambda: "127.0.0.1")
+    _fill("MASTER_PORT", lambda: str(free_port()))
     return 0, 1, 0
+
+
+_filled: list[str] = []  # the variables _launch_environment set, for destroy() to take back
+
+
+def _fill(name: str, value) -> None:
+    """Sets ``os.environ[name]`` to ``value()`` unless the launcher set it."""
+    if name not in os.environ:
+        os.environ[name] = value()
+        _filled.append(name)
 
 
 def first_slurm_host(nodelist: str) -> str:
