@@ -104,8 +104,7 @@ def check_kernels(dry_run: bool) -> dict:
     original = F.scaled_dot_product_attention
 
     def recorded(*args, **kwargs):
-        choice = {key: value for key, value in kwargs.items()}
-        calls.append({"backend": names[int(torch._fused_sdp_choice(*args, **choice))], "shape": list(args[0].shape)})
+        calls.append({"backend": names[int(torch._fused_sdp_choice(*args, **kwargs))], "shape": list(args[0].shape)})
         return original(*args, **kwargs)
 
     F.scaled_dot_product_attention = recorded
