@@ -22,7 +22,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -132,11 +131,7 @@ def _load_model_entries(ddp_chunks: list, loaded: dict, requested: dict) -> None
 def _collective_check(problem: str | None) -> None:
     """Raises ``CheckpointError`` on every rank when any rank found a problem (a raise on some ranks only
     would leave the others waiting in the next collective)."""
-    problems = [problem]
-    if torch.distributed.is_initialized():
-        problems = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(problems, problem)
-    found = [found for found in problems if found]
+    found = [found for found in distributed.all_gathered(problem) if found]
     if found:
         raise CheckpointError(found[0])
 
