@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 -m megatron_qwen.train --recipe examples/recipes/qwen_14b_sft.json ...
     srun python -m megatron_qwen.train ...                               # under SLURM (one task per GPU)
 
-``--help`` lists every setting (training/config.py); a recipe file sets many at once and flags override it.
+``--help`` lists every setting (megatron_qwen/config.py); a recipe file sets many at once and flags override it.
 Exit status: 0 when the run finished or stopped on SIGTERM/SIGUSR1 (after saving; a signal during start-up
 stops it before any update, with nothing new to save); 2 for a configuration, dataset or checkpoint that
 cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a checkpoint could not be written
@@ -22,7 +22,7 @@ def _failures() -> tuple:
     from megatron_qwen.checkpoint.layout import CheckpointSaveError
     from megatron_qwen.data.tokenizer import TokenizerError
     from megatron_qwen.training.checkpointing import CheckpointError
-    from megatron_qwen.training.dataset_check import DatasetMismatchError
+    from megatron_qwen.batching.checks import DatasetMismatchError
     from megatron_qwen.training.trainer import TrainingDiverged
 
     return (
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     # the run at the end of its start-up.
     stop = StopRequest()
     from megatron_qwen.platform import distributed
-    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.config import parse_config
     from megatron_qwen.training.trainer import Trainer
 
     try:

@@ -18,7 +18,7 @@ from workers.trainer_common import step_records
 
 from data_fixtures import qwen_tiktoken_file
 from megatron_qwen.platform import distributed
-from megatron_qwen.training.config import parse_config
+from megatron_qwen.config import parse_config
 from megatron_qwen.training.trainer import Trainer
 
 BEFORE_LAYOUT = Path(__file__).parent / "data_fixtures" / "before_layout"

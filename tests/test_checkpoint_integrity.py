@@ -28,7 +28,7 @@ from conftest import REPO
 from megatron_qwen.checkpoint import layout, manifest
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing
-from megatron_qwen.training.config import parse_config
+from megatron_qwen.config import parse_config
 from megatron_qwen.training.interrupts import StopRequest
 from megatron_qwen.training.trainer import Trainer
 from workers import trainer_common

@@ -1,5 +1,5 @@
 """Dataset integrity, in one process: the stats record a sha256 per chunk of each data file, and the trainer's
-start-up check (``SFTSamples.check``) refuses changed bytes, negative token ids, loss-mask bytes other than 0 and
+start-up check (``BatchSource.check``) refuses changed bytes, negative token ids, loss-mask bytes other than 0 and
 1, and damaged indexes with a message naming the file; a dataset written before digests were recorded (the committed
 legacy fixture) still passes, with a warning.
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from megatron_qwen.data.dataset_files import DatasetFilesError, DIGEST_CHUNK_BYTES
-from megatron_qwen.training.dataset_check import DatasetMismatchError
-from megatron_qwen.training.samples import SFTSamples
+from megatron_qwen.batching.checks import DatasetMismatchError
 from workers import trainer_common
+from workers.trainer_common import batch_source
 
 SEQ = 16
 SHA = "ab" * 32
@@ -31,7 +31,7 @@ def write(tmp_path, name, conversations=CONVERSATIONS) -> str:
 
 
 def check(prefix, embedding_rows=100) -> list[str]:
-    return SFTSamples([prefix], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows)
+    return batch_source([prefix], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows)
 
 
 def test_the_stats_record_the_sha256_of_each_file(tmp_path):
@@ -95,7 +95,7 @@ def test_a_legacy_dataset_without_digests_passes_with_a_warning(tmp_path):
     prefix = str(tmp_path / "dataset")
     stats = json.loads(Path(f"{prefix}_stats.json").read_text())
     assert "digests" not in stats
-    samples = SFTSamples([prefix], seq_length=512, pad_token_id=0)
+    samples = batch_source([prefix], seq_length=512, pad_token_id=0)
     warnings = samples.check(stats["provenance"]["tokenizer"]["sha256"], embedding_rows=151936)
     assert warnings == [f"{prefix}_stats.json: records no digests (written before datasets recorded them); its "
                         "files cannot be verified"]

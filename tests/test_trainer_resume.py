@@ -17,7 +17,7 @@ from conftest import run_python, run_torchrun
 from workers.trainer_common import fixture_dir, read_records, run_args, run_plan, step_records
 
 from megatron_qwen.checkpoint import layout
-from megatron_qwen.training.faults import NAN_AT, SIGTERM_AT
+from megatron_qwen.platform.faults import NAN_AT, SIGTERM_AT
 
 STEPS = 4
 STOP = 2  # the update after which the stopped runs get SIGTERM

@@ -30,7 +30,7 @@ from conftest import REPO, _worker_env, run_python
 from workers.trainer_common import fixture_dir, run_args, step_records, updates_logged
 
 from megatron_qwen.checkpoint import layout
-from megatron_qwen.training.faults import SLOW_WRITES
+from megatron_qwen.platform.faults import SLOW_WRITES
 
 STEPS = 8  # more than the parts can reach, however late a signal lands
 WRITE_SECONDS = 2

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from megatron_qwen.models.presets import PRESETS
-from megatron_qwen.training.config import RunConfig, build_parser, parse_config
+from megatron_qwen.config import RunConfig, build_parser, parse_config
 
 BASE = ["--data-path", "data/chat", "--preset", "tiny"]
 

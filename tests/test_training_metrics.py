@@ -10,14 +10,17 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from megatron_qwen.config import RunConfig
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.step import StepResult
 
 
 def reporter(tmp_path, dataset_names, train_steps=10, resumed_at=None):
-    return Reporter(PRESETS["tiny"], 32, 1, 1, str(tmp_path), writes=True, dataset_names=dataset_names,
-                    train_steps=train_steps, resumed_at=resumed_at)
+    config = RunConfig()
+    config.data.data_path, config.data.seq_length = [f"/data/{name}" for name in dataset_names], 32
+    config.training.log_interval, config.training.tensorboard_dir = 1, str(tmp_path)
+    return Reporter(PRESETS["tiny"], config, world_size=1, writes=True, train_steps=train_steps, resumed_at=resumed_at)
 
 
 def scalars(tmp_path):

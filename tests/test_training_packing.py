@@ -1,5 +1,5 @@
 """Best-fit packing of a global batch (``training/rows.next_rows``), through the validation list
-(``batches_from_list``) and the training stream (``SFTSamples.next_global_batch``).
+(``batches_from_list``) and the training stream (``BatchSource.next_rows``).
 
 Datasets are real indexed datasets (``tests/workers/trainer_common.write_dataset``); a conversation of ``n``
 tokens takes ``n - 1`` positions. Expected rows of the hand-worked cases are written out from the rule
@@ -11,10 +11,11 @@ import collections
 import numpy as np
 import pytest
 
-from megatron_qwen.training.conversations import ConversationDataset
-from megatron_qwen.training.rows import batches_from_list
-from megatron_qwen.training.samples import HELD_OUT, SFTSamples
+from megatron_qwen.batching.dataset import ConversationDataset
+from megatron_qwen.batching.rows import batches_from_list
+from megatron_qwen.batching.source import HELD_OUT
 from workers import trainer_common
+from workers.trainer_common import batch_source
 
 SHA = "ab" * 32
 
@@ -82,16 +83,16 @@ def random_lengths(tmp_path_factory):
 
 
 def drawn_stream(prefix, count, seed):
-    sampler = SFTSamples([prefix], mode="pad", seq_length=64, seed=seed).sampler
+    sampler = batch_source([prefix], rows="pad", seq_length=64, seed=seed).sampler
     return [sampler.take()[1] for _ in range(count)]
 
 
 @pytest.mark.parametrize("mode", ["pack", "pad"])
 def test_each_global_batch_is_a_stream_prefix_that_stops_at_the_first_misfit(random_lengths, mode):
     prefix, positions = random_lengths
-    samples = SFTSamples([prefix], mode=mode, seq_length=64, seed=5)
+    samples = batch_source([prefix], rows=mode, seq_length=64, seed=5)
     rng = np.random.default_rng(1)
-    batches = [samples.next_global_batch(int(rng.integers(1, 9))) for _ in range(25)]
+    batches = [samples.next_rows(int(rng.integers(1, 9))) for _ in range(25)]
     order = drawn_stream(prefix, samples.sampler.drawn[0] + 1, seed=5)
     assert len(set(order)) == len(order)  # within one epoch: a stream position is known by its conversation
     where = {conversation: index for index, conversation in enumerate(order)}
@@ -116,11 +117,11 @@ def test_each_global_batch_is_a_stream_prefix_that_stops_at_the_first_misfit(ran
 
 def test_padfree_takes_the_conversations_of_pad_mode_in_fewer_rows(random_lengths):
     prefix, positions = random_lengths
-    pad = SFTSamples([prefix], mode="pad", seq_length=64, seed=5)
-    padfree = SFTSamples([prefix], mode="padfree", seq_length=64, seed=5)
+    pad = batch_source([prefix], rows="pad", seq_length=64, seed=5)
+    padfree = batch_source([prefix], rows="padfree", seq_length=64, seed=5)
     for count in (8, 3, 16, 5):
-        padded = pad.next_global_batch(count)
-        rows = padfree.next_global_batch(count, row_multiple=4)
+        padded = pad.next_rows(count)
+        rows = padfree.next_rows(count, row_multiple=4)
         conversations = lambda batch: sorted(c for row in batch for _, c in row)  # noqa: E731
         assert conversations(rows) == conversations(padded)
         assert len(rows) % 4 == 0
@@ -138,16 +139,16 @@ def test_best_fit_fills_rows_better_than_one_row_at_a_time(random_lengths):
     prefix, positions = random_lengths
     fill = {}
     for rows, batches in ((1, 128), (16, 8)):
-        samples = SFTSamples([prefix], mode="pack", seq_length=64, seed=5)
-        used = sum(positions[c] for _ in range(batches) for row in samples.next_global_batch(rows) for _, c in row)
+        samples = batch_source([prefix], rows="pack", seq_length=64, seed=5)
+        used = sum(positions[c] for _ in range(batches) for row in samples.next_rows(rows) for _, c in row)
         fill[rows] = used / (128 * 64)
     assert fill[16] > fill[1] + 0.05
 
 
 def test_validation_batches_hold_every_conversation_once(random_lengths):
     prefix, positions = random_lengths
-    samples = SFTSamples([prefix], valid_fraction=0.25, mode="pack", seq_length=64, seed=5)
-    batches = samples.validation_batches(global_batch_size=8)[HELD_OUT]
+    samples = batch_source([prefix], valid_fraction=0.25, rows="pack", seq_length=64, seed=5, global_batch_size=8)
+    batches = samples.validation_rows()[HELD_OUT]
     valid = [conversation for _, conversation in samples.valid_items]
     assert len(valid) == 100 and len(batches) > 1
     assert all(len(rows) == 8 for rows in batches)

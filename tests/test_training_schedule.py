@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megatron_qwen.training.schedule import build_scheduler
+from megatron_qwen.training.lr_schedule import build_scheduler
 
 PEAK, WARMUP, STEPS = 2e-6, 1430, 4000
 

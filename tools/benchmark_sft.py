@@ -266,7 +266,7 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
     """Trains with the repository's trainer; returns (row result, run configuration, model config, world size)."""
     from megatron.core import parallel_state
 
-    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.config import parse_config
     from megatron_qwen.training.optimizer import adam_description
     from megatron_qwen.training.trainer import Trainer
 
@@ -276,7 +276,7 @@ def run_ours(argv: list[str], records_dir: Path, device: torch.device):
     try:
         with counted_host_syncs(device) as host_syncs:
             trainer.train()
-        world_size, model, optimizer = trainer.world_size, trainer.model, adam_description(trainer.optimizer)
+        world_size, model, optimizer = torch.distributed.get_world_size(), trainer.model, adam_description(trainer.optimizer)
     finally:
         trainer.close()
     memory = peak_memory_gib()
@@ -370,12 +370,11 @@ def peer_step(model, optimizer, micro_batches, config, device) -> tuple[float, i
 
 
 def run_peer(name: str, config, model_config, device: torch.device, compile_model: bool, updates: int) -> RowResult:
+    from megatron_qwen.batching.source import BatchSource, DataParallelShare
+    from megatron_qwen.models.chunks import params_dtype
     from megatron_qwen.training.optimizer import adam_description
-    from megatron_qwen.training.samples import SFTSamples
-    from megatron_qwen.training.trainer import params_dtype
 
     data, training, settings = config.data, config.training, config.optimizer
-    samples = SFTSamples(data.data_path, None, 0.0, data.rows, data.seq_length, training.seed, data.pad_token_id)
     reset_peak_memory(device)
     torch.manual_seed(training.seed)
     dtype = params_dtype(config.model)
@@ -388,20 +387,21 @@ def run_peer(name: str, config, model_config, device: torch.device, compile_mode
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # padfree: the peer's rows are ours, up to all-padding rows that round the count to its own ranks
+    batches = BatchSource(dataclasses.replace(data, data_weights=None, valid_fraction=0.0, valid_data_path=[]),
+                          training, DataParallelShare(rank, world, world * training.micro_batch_size))
     if compile_model:
         model = torch.compile(model)
     seconds, tokens, row_counts, supervised, losses = [], [], [], [], []
     for _ in range(updates):
-        # padfree: the peer's rows are ours, up to all-padding rows that round the count to its own ranks
-        rows = samples.next_global_batch(training.global_batch_size, world * training.micro_batch_size)
-        micro_batches = samples.micro_batches(rows, rank, world, training.micro_batch_size)
+        batch = batches.next_update()
         synchronize(device)
         started = time.perf_counter()
-        loss, step_tokens, step_supervised = peer_step(model, optimizer, micro_batches, config, device)
+        loss, step_tokens, step_supervised = peer_step(model, optimizer, batch.micro_batches, config, device)
         synchronize(device)
         seconds.append(time.perf_counter() - started)
         tokens.append(step_tokens)
-        row_counts.append(len(rows))
+        row_counts.append(len(batch.rows))
         supervised.append(step_supervised)
         losses.append(loss)
     result = RowResult(

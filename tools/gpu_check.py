@@ -162,7 +162,7 @@ def train(flags: list[str]) -> list[float]:
     """Runs the trainer in this process; returns the losses it recorded."""
     from megatron.core import parallel_state
 
-    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.config import parse_config
     from megatron_qwen.training.trainer import Trainer
 
     config = parse_config(flags)

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_qwen.data.dataset_files import DatasetFilesError  # noqa: E402
-from megatron_qwen.data.inspect import marked_text, open_dataset  # noqa: E402
+from megatron_qwen.data.inspection import marked_text, open_dataset  # noqa: E402
 from megatron_qwen.data.tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from megatron_qwen.training import faults
+from megatron_qwen.platform import faults
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # looked up here, not in a forked child, where the dynamic loader's lock may be held by a thread that is not there

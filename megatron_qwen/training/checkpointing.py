@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_qwen.checkpoint import layout, manifest
+from megatron_qwen.config import CheckpointSettings
 from megatron_qwen.models.presets import QwenConfig
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import optimizer as optimizer_state
@@ -240,33 +241,34 @@ def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict
     return trainer_state, outcome
 
 
-def save(
-    root: str,
-    iteration: int,
-    ddp_chunks: list,
-    optimizer,
-    trainer_state: dict,
-    model: QwenConfig,
-    tokenizer,
-    chat_settings: dict | None,
-    keep_last: int,
-) -> Path:
-    """Writes iteration ``iteration`` (collective), made visible only when complete; keeps the last ``keep_last``.
-    ``chat_settings`` are what the training data was rendered with (``layout.chat_settings``' arguments, written
-    to ``chat.json``, which the export's chat template follows; not written when the datasets do not record them)."""
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What every iteration of a run records besides its state: the model's configuration, the tokenizer's files
+    and what the training data was rendered with (``chat_settings``: ``layout.chat_settings``' arguments, written
+    to ``chat.json``, which the export's chat template follows; ``None`` when the datasets do not record them)."""
+
+    model: QwenConfig
+    tokenizer: object
+    chat_settings: dict | None
+
+
+def save(settings: CheckpointSettings, iteration: int, ddp_chunks: list, optimizer, trainer_state: dict,
+         record: RunRecord) -> Path:
+    """Writes iteration ``iteration`` into ``settings.save_dir`` (collective), made visible only when complete; keeps
+    the last ``settings.keep_last``."""
     requested = model_sharded_state_dict(ddp_chunks)
     state = dict(requested)
     state[OPTIMIZER_KEY] = optimizer_state.sharded_state_dict(optimizer, requested)
     state[rng.KEY] = rng.sharded_object(rng.capture())
     files = {TRAINER_STATE: json.dumps(trainer_state, indent=1) + "\n"}
-    if chat_settings is not None:
-        files[layout.CHAT_SETTINGS] = layout.chat_settings(**chat_settings)
+    if record.chat_settings is not None:
+        files[layout.CHAT_SETTINGS] = layout.chat_settings(**record.chat_settings)
     return layout.save_iteration(
-        root,
+        settings.save_dir,
         iteration,
         state,
-        model_config=model,
-        tokenizer=tokenizer,
+        model_config=record.model,
+        tokenizer=record.tokenizer,
         extra_files=files,
-        keep_last=keep_last,
+        keep_last=settings.keep_last,
     )

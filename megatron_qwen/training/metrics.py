@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_qwen.batching.source import HELD_OUT, dataset_names
+from megatron_qwen.config import RunConfig
 from megatron_qwen.training import flops
-from megatron_qwen.training.samples import HELD_OUT
 
 
 def peak_memory_gib() -> float:
@@ -51,29 +52,37 @@ def _record_iteration(line: str) -> float:
         return math.inf  # not a record
 
 
+def output_dir(config: RunConfig) -> str | None:
+    """Where the metrics go: ``--tensorboard-dir``, else SAVE_DIR/tensorboard (none without either)."""
+    save_dir = config.checkpoint.save_dir
+    return config.training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
+
+
 class Reporter:
-    def __init__(self, model, seq_length: int, world_size: int, log_interval: int, output_dir: str | None, writes: bool,
-                 dataset_names: list[str], train_steps: int, resumed_at: int | None):
-        """``resumed_at``: the iteration of the checkpoint a resumed run starts from; records of later updates, from
-        a run that went on past that checkpoint, are dropped (the updates are done again)."""
+    def __init__(self, model, config: RunConfig, *, world_size: int, writes: bool, train_steps: int,
+                 resumed_at: int | None):
+        """``writes``: this rank writes the log and files (global rank 0); ``resumed_at``: the iteration of the
+        checkpoint a resumed run starts from; records of later updates, from a run that went on past that
+        checkpoint, are dropped (the updates are done again)."""
         self.model = model
-        self.dataset_names = dataset_names  # of the training datasets, for their epochs
+        self.dataset_names = dataset_names(config.data.data_path)  # of the training datasets, for their epochs
         self.train_steps = train_steps
-        self.seq_length = seq_length
+        self.seq_length = config.data.seq_length
         self.world_size = world_size
-        self.log_interval = log_interval
+        self.log_interval = config.training.log_interval
         self.writes = writes
         self.records = None
         self.tensorboard = None
-        if writes and output_dir is not None:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            records = Path(output_dir) / "metrics.jsonl"
+        directory = output_dir(config)
+        if writes and directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            records = Path(directory) / "metrics.jsonl"
             if resumed_at is not None:
                 _drop_records_after(records, resumed_at)
             self.records = open(records, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(output_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+            self.tensorboard = SummaryWriter(directory, purge_step=None if resumed_at is None else resumed_at + 1)
         self._interval = []
 
     def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:

@@ -4,25 +4,24 @@ Every rank collates its data-parallel share of the global batch, and every pipel
 last, every model chunk of an interleaved schedule) runs its forward with the micro-batch's own
 ``packed_seq_params``: a middle stage without them would attend across the conversations of a packed row.
 A packed micro-batch of several rows is one THD sequence whose ``cu_seqlens`` hold every row's boundaries
-(``training/rows.py``).
+(``batching/rows.py``).
 
 Host synchronisations: an update waits for the GPU once for the gradient norm (megatron's clipping), once for
 the loss and its supervised-token count (one tensor) and once for the preemption flag (``interrupts.py``); the
-other counts of the log are known on the host from the rows (``SFTSamples.counts``).
+other counts of the log are known on the host from the rows (``BatchSource.counts``).
 """
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qwen.training import faults
+from megatron_qwen.batching.rows import MicroBatch, ScheduleShape
+from megatron_qwen.batching.source import UpdateBatch
 from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.training.loss import global_batch_totals, make_loss_func
-from megatron_qwen.training.rows import MicroBatch
 
 
 def device() -> torch.device:
@@ -51,7 +50,7 @@ def _on_device(batch: MicroBatch) -> MicroBatch:
     return dataclasses.replace(batch, **moved)
 
 
-def forward_step(iteration: int, data_iterator, model):
+def forward_step(data_iterator, model):
     """megatron's ``forward_step_func``: per-token losses on the last stage, hidden states elsewhere."""
     batch = _on_device(next(data_iterator))
     output = model(
@@ -61,23 +60,15 @@ def forward_step(iteration: int, data_iterator, model):
         labels=batch.labels,
         packed_seq_params=batch.packed_seq_params(),
     )
-    if model.module.post_process:
-        output = faults.poison_loss(output, iteration)
     return output, make_loss_func(batch.loss_mask)
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduleShape:
-    """What the pipeline schedule is told about one micro-batch (``rows.schedule_shape``)."""
-
-    seq_length: int
-    micro_batch_size: int
-
-
-def run_schedule(chunks: list, micro_batches: list[MicroBatch], shape: ScheduleShape, iteration: int, forward_only: bool):
+def run_pipeline(chunks: list, micro_batches: list[MicroBatch], shape: ScheduleShape, forward_only: bool):
+    """Forward (and backward) over ``micro_batches`` through megatron's pipeline schedule; returns the loss
+    function's logging dicts (on the last stage)."""
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, iteration),
+        forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),
@@ -115,16 +106,13 @@ class StepResult:
     rows: int
 
 
-def train_step(
-    chunks, optimizer, scheduler, micro_batches, shape: ScheduleShape, iteration: int, counts: dict[str, int]
-) -> StepResult:
-    """Update ``iteration`` (1-based): forward and backward over the micro-batches, then one optimizer step.
-    ``counts``: the global batch's ``tokens``, ``conversations`` and ``rows``, known on the host."""
+def train_step(chunks, optimizer, scheduler, batch: UpdateBatch, shape: ScheduleShape) -> StepResult:
+    """One update: forward and backward over this rank's micro-batches of ``batch``, then one optimizer step."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     lr = optimizer.param_groups[0]["lr"]
-    store = run_schedule(chunks, micro_batches, shape, iteration, forward_only=False)
+    store = run_pipeline(chunks, batch.micro_batches, shape, forward_only=False)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
@@ -135,7 +123,7 @@ def train_step(
         lr=lr,
         skipped=not updated,
         supervised_tokens=supervised,
-        **counts,
+        **batch.counts,
     )
 
 
@@ -146,7 +134,7 @@ def validation_loss(chunks, batches: list[list[MicroBatch]], shape: ScheduleShap
     store = []
     with torch.no_grad():
         for micro_batches in batches:
-            store += run_schedule(chunks, micro_batches, shape, iteration=0, forward_only=True)
+            store += run_pipeline(chunks, micro_batches, shape, forward_only=True)
     for chunk in chunks:
         chunk.train()
     return _loss_everywhere(store)

@@ -19,92 +19,23 @@ import time
 import torch
 from megatron.core import parallel_state
 
+from megatron_qwen.batching.source import BatchSource, DataParallelShare, ceil_product
 from megatron_qwen.checkpoint import layout
+from megatron_qwen.config import RunConfig
 from megatron_qwen.data.tokenizer import load_tokenizer
-from megatron_qwen.models.build import build_model, transformer_config
-from megatron_qwen.models.fusions import FUSED_KERNELS, choose_kernel_fusions, compile_probe
+from megatron_qwen.models.chunks import build_chunks, fusions_in_use, kernel_fusions
 from megatron_qwen.models.presets import PRESETS
-from megatron_qwen.models.spec import default_layer_impl
-from megatron_qwen.platform import distributed
-from megatron_qwen.platform.wgrad_accumulation import provide_wgrad_accumulation
-from megatron_qwen.training import checkpointing, faults, save_dir_lock
-from megatron_qwen.training.config import RunConfig
+from megatron_qwen.platform import distributed, faults
+from megatron_qwen.training import checkpointing, save_dir_lock
 from megatron_qwen.training.interrupts import SaveClock, StopRequest
+from megatron_qwen.training.lr_schedule import build_scheduler
 from megatron_qwen.training.metrics import Reporter
 from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
-from megatron_qwen.training.rows import schedule_shape
-from megatron_qwen.training.samples import SFTSamples, ceil_product, dataset_names
-from megatron_qwen.training.schedule import build_scheduler
-from megatron_qwen.training.step import ScheduleShape, train_step, validation_loss
-
-
-def model_fusions(kernel_fusions: bool, params_dtype: torch.dtype) -> dict:
-    """The ``TransformerConfig`` fusions, as Megatron-LM sets them by default: ``FUSED_KERNELS`` when
-    ``kernel_fusions`` (``models/fusions.py``), and on GPUs weight-gradient GEMMs that accumulate straight into the
-    float32 ``main_grad`` instead of writing a bf16 gradient that DDP then adds in (``gradient_accumulation_fusion``:
-    apex's extension where it is installed, as in NGC containers, else torch's ``addmm`` where this torch build
-    accumulates ``params_dtype`` products into float32, see ``platform/wgrad_accumulation.py``)."""
-    fusions = dict(FUSED_KERNELS) if kernel_fusions else {}
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        fusions["gradient_accumulation_fusion"] = provide_wgrad_accumulation(device, params_dtype)
-    return fusions
-
-
-def kernel_fusions(requested: bool | None) -> tuple[bool, str]:
-    """``--kernel-fusions`` decided for this machine, the same on every rank: (on, why)."""
-    cuda = torch.cuda.is_available()
-
-    def agreed_probe() -> str | None:
-        failure = compile_probe(torch.cuda.current_device() if cuda else "cpu")
-        (anywhere,) = distributed.on_any_rank(failure is not None)
-        return failure or ("failed on another rank" if anywhere else None)
-
-    return choose_kernel_fusions(requested, "cuda" if cuda else "cpu", agreed_probe)
-
-
-def params_dtype(settings) -> torch.dtype:
-    """The weights' dtype for the run's ``ModelSettings``."""
-    return torch.bfloat16 if settings.precision == "bf16" else torch.float32
+from megatron_qwen.training.step import train_step, validation_loss
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
-
-
-def build_chunks(model, config: RunConfig, fused: bool = False) -> list:
-    """This rank's model chunks (one, or ``virtual_pipeline`` for the interleaved schedule); ``fused``: with the
-    compile-based kernel fusions (``kernel_fusions``)."""
-    settings, parallel = config.model, config.parallel
-    impl = default_layer_impl()
-    if settings.fp8 and impl != "te":
-        raise ValueError("--fp8 needs Transformer Engine on a GPU, which is not available here")
-    recompute = {
-        "none": {},
-        "selective": {"recompute_granularity": "selective"},
-        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-    }[settings.recompute]
-    fp8 = {"fp8": "hybrid", "fp8_amax_history_len": 1024, "fp8_amax_compute_algo": "max"} if settings.fp8 else {}
-    model_config = transformer_config(
-        model,
-        params_dtype=params_dtype(settings),
-        bf16=settings.precision == "bf16",
-        attention_dropout=settings.dropout,
-        hidden_dropout=settings.dropout,
-        sequence_parallel=parallel.sequence_parallel,
-        calculate_per_token_loss=True,
-        **recompute,
-        **fp8,
-        **model_fusions(fused, params_dtype(settings)),
-    )
-    stages = parallel.virtual_pipeline or 1
-    chunks = [
-        build_model(model, layer_impl=impl, config=model_config, vp_stage=stage if stages > 1 else None)
-        for stage in range(stages)
-    ]
-    if torch.cuda.is_available():
-        chunks = [chunk.cuda() for chunk in chunks]
-    return chunks
 
 
 def _tokenizer(config: RunConfig, start: checkpointing.StartPoint):
@@ -147,27 +78,22 @@ class Trainer:
         config = self.config
         parallel, training = config.parallel, config.training
         self.last_saved: int | None = None
-        self.world_size = torch.distributed.get_world_size()
-        num_micro_batches = config.num_micro_batches(self.world_size)
-        self.row_multiple = config.row_multiple(self.world_size)
+        world_size = torch.distributed.get_world_size()
+        num_micro_batches = config.num_micro_batches(world_size)
         self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
         unverified = checkpointing.verify(self.start, config.checkpoint.skip_verify)
         preset = PRESETS[config.model.preset] if config.model.preset else None
         self.model = checkpointing.model_config(self.start, preset)
         config.check_model(self.model)
         self.tokenizer = _tokenizer(config, self.start)
-        data = config.data
-        self.samples = SFTSamples(
-            data.data_path, data.data_weights, data.valid_fraction, data.rows, data.seq_length, training.seed,
-            data.pad_token_id, training.eval_conversations, data.valid_data_path,
-        )
-        unverified_data = self.samples.check(self.tokenizer.sha256, self.model.vocab_size)
-        self.samples.check_global_batch(training.global_batch_size)
-        self.chat_settings = self.samples.chat_settings()
+        share = DataParallelShare(parallel_state.get_data_parallel_rank(),
+                                  parallel_state.get_data_parallel_world_size(), config.row_multiple(world_size))
+        self.batches = BatchSource(config.data, training, share)
+        unverified_data = self.batches.check(self.tokenizer.sha256, self.model.vocab_size)
+        self.record = checkpointing.RunRecord(self.model, self.tokenizer, self.batches.chat_settings())
         self.train_steps, self.warmup_steps = self.run_length()
-        self.shape = ScheduleShape(*schedule_shape(data.rows, data.seq_length, training.micro_batch_size))
-        fused, self.fusions_reason = kernel_fusions(config.model.kernel_fusions)
-        self.chunks = wrap_ddp(build_chunks(self.model, config, fused), parallel.distributed_optimizer)
+        fused, fusions_reason = kernel_fusions(config.model.kernel_fusions)
+        self.chunks = wrap_ddp(build_chunks(self.model, config.model, parallel, fused), parallel.distributed_optimizer)
         if self.start.kind == "pretrained":
             checkpointing.load_pretrained(self.chunks, self.start)
         self.optimizer = build_optimizer(
@@ -181,31 +107,23 @@ class Trainer:
         self.iteration = 0
         rng_outcome = None
         if self.start.kind == "resume":
-            state, rng_outcome = checkpointing.load_resume(self.chunks, self.optimizer, self.start, self.layout())
-            self.iteration = int(state["iteration"])
-            try:
-                self.scheduler.load_state_dict(state["scheduler"])
-            except ValueError as error:
-                raise checkpointing.CheckpointError(f"cannot resume from {self.start.iteration_dir}: {error}") from None
-            self.samples.load_state_dict(state["data"])
-        save_dir = config.checkpoint.save_dir
-        output_dir = training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
+            state, rng_outcome = checkpointing.load_resume(self.chunks, self.optimizer, self.start,
+                                                           self.parallel_layout())
+            self.restore(state)
         self.reporter = Reporter(
-            self.model, data.seq_length, self.world_size, training.log_interval, output_dir,
-            writes=torch.distributed.get_rank() == 0, dataset_names=dataset_names(data.data_path),
-            train_steps=self.train_steps,
-            resumed_at=self.iteration if self.start.kind == "resume" else None,
+            self.model, config, world_size=world_size, writes=torch.distributed.get_rank() == 0,
+            train_steps=self.train_steps, resumed_at=self.iteration if self.start.kind == "resume" else None,
         )
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}"
             f"{f' ({rng_outcome})' if rng_outcome else ''}; model {self.model.name}; "
-            f"layout {self.layout()}; rows {data.rows}, micro-batches of {training.micro_batch_size} row(s), "
-            f"{num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
-            f"kernel fusions {self.fusions_reason}, in use: {', '.join(self.fusions_in_use()) or 'none'}; "
+            f"layout {self.parallel_layout()}; rows {config.data.rows}, micro-batches of {training.micro_batch_size} "
+            f"row(s), {num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
+            f"kernel fusions {fusions_reason}, in use: {', '.join(fusions_in_use(self.chunks)) or 'none'}; "
             f"{self.length_plan()}; "
             f"{self.validation_plan()}"
         )
-        for warning in filter(None, [unverified, *unverified_data, *self.samples.rendering_warnings()]):
+        for warning in filter(None, [unverified, *unverified_data, *self.batches.rendering_warnings()]):
             self.reporter.print(f"warning: {warning}")
         if self.save_dir_lock is not None and self.save_dir_lock.taken_over:
             self.reporter.print(f"warning: {self.save_dir_lock.taken_over}")
@@ -217,6 +135,26 @@ class Trainer:
         gc.freeze()
         faults.maybe_signal(self.iteration)
 
+    def trainer_state(self) -> dict:
+        """What an iteration holds of the run besides weights, optimizer and RNG states (``trainer_state.json``;
+        ``restore`` reads it back)."""
+        return {
+            "iteration": self.iteration,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict(),
+            "layout": self.parallel_layout(),
+        }
+
+    def restore(self, state: dict) -> None:
+        """The run's position from a resumed iteration's ``trainer_state`` (its ``layout`` decided what
+        ``checkpointing.load_resume`` restored)."""
+        self.iteration = int(state["iteration"])
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+        except ValueError as error:
+            raise checkpointing.CheckpointError(f"cannot resume from {self.start.iteration_dir}: {error}") from None
+        self.batches.load_state_dict(state["data"])
+
     def run_length(self) -> tuple[int, int]:
         """(updates, warmup updates) of the run: ``--train-steps``, or with ``--train-epochs`` the fewest updates that
         draw that many passes over the training conversations (planned from the start, so every resume gets the
@@ -225,8 +163,8 @@ class Trainer:
         if training.train_epochs is None:
             steps, length = training.train_steps, f"--train-steps {training.train_steps}"
         else:
-            steps = self.samples.updates_for_epochs(training.train_epochs, training.global_batch_size)
-            conversations = self.samples.num_train_conversations()
+            steps = self.batches.updates_for_epochs(training.train_epochs)
+            conversations = self.batches.num_train_conversations()
             length = f"--train-epochs {training.train_epochs} of {conversations} training conversations"
         if optimizer.warmup_fraction is None:
             warmup, flag = optimizer.warmup_steps, f"--warmup-steps {optimizer.warmup_steps} (or --warmup-fraction)"
@@ -241,7 +179,7 @@ class Trainer:
         """The run's length for the start line, in updates and epochs: a recipe written for a large dataset may
         mean many passes over a small one."""
         training = self.config.training
-        conversations = self.samples.num_train_conversations()
+        conversations = self.batches.num_train_conversations()
         updates = f"{self.train_steps} updates ({self.warmup_steps} of warmup)"
         if self.config.data.rows != "pack":
             epochs = self.train_steps * training.global_batch_size / conversations
@@ -254,20 +192,14 @@ class Trainer:
         )
 
     def validation_plan(self) -> str:
-        interval, sets = self.config.training.eval_interval, self.samples.valid_sets
+        interval, sets = self.config.training.eval_interval, self.batches.valid_sets
         if not interval or not sets:
             return "no validation"
         return f"validation every {interval} updates on " + ", ".join(
             f"{len(items)} conversations of {name}" for name, items in sets.items()
         )
 
-    def fusions_in_use(self) -> list[str]:
-        """The ``model_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
-        model_config = self.chunks[0].config
-        names = (*FUSED_KERNELS, "gradient_accumulation_fusion")
-        return [name for name in names if getattr(model_config, name)]
-
-    def layout(self) -> dict:
+    def parallel_layout(self) -> dict:
         parallel = self.config.parallel
         return {
             "tensor_parallel": parallel.tensor_parallel,
@@ -276,39 +208,22 @@ class Trainer:
             "data_parallel": parallel_state.get_data_parallel_world_size(),
         }
 
-    def _micro_batches(self, rows):
-        return self.samples.micro_batches(
-            rows,
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
-            self.config.training.micro_batch_size,
-        )
-
     def save(self) -> None:
         checkpoint = self.config.checkpoint
-        trainer_state = {
-            "iteration": self.iteration,
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.samples.state_dict(),
-            "layout": self.layout(),
-        }
         started = time.perf_counter()
-        path = checkpointing.save(
-            checkpoint.save_dir, self.iteration, self.chunks, self.optimizer, trainer_state, self.model,
-            self.tokenizer, self.chat_settings, checkpoint.keep_last,
-        )
+        path = checkpointing.save(checkpoint, self.iteration, self.chunks, self.optimizer, self.trainer_state(),
+                                  self.record)
         self.last_saved = self.iteration
         # the time a save takes is what --save-interval-minutes and a preemption's grace period must allow for
         self.reporter.print(f"iteration {self.iteration} | saved {path} in {time.perf_counter() - started:.1f} s")
 
     def validate(self) -> None:
-        sets = self.samples.validation_batches(self.config.training.global_batch_size, self.row_multiple)
         results = {
-            name: validation_loss(self.chunks, [self._micro_batches(rows) for rows in global_batches], self.shape)
-            for name, global_batches in sets.items()
+            name: validation_loss(self.chunks, batches, self.batches.shape)
+            for name, batches in self.batches.validation_batches().items()
         }
         if results:
-            self.reporter.validation(self.iteration, results, self.samples.held_out_sets)
+            self.reporter.validation(self.iteration, results, self.batches.held_out_sets)
 
     def train(self) -> str:
         """Runs to the end or to a stop; returns why it stopped (``"done"`` or the signal's name)."""
@@ -317,15 +232,12 @@ class Trainer:
         if stop.agreed(save_due=False)[0]:  # signalled during start-up: the state is the loaded one, nothing to save
             return stop.reason
         while self.iteration < self.train_steps:
-            rows = self.samples.next_global_batch(training.global_batch_size, self.row_multiple)
-            micro_batches = self._micro_batches(rows)
+            batch = self.batches.next_update()
             self.iteration += 1
             started = time.perf_counter()
-            result = train_step(
-                self.chunks, self.optimizer, self.scheduler, micro_batches, self.shape, self.iteration,
-                self.samples.counts(rows),
-            )
-            self.reporter.step(self.iteration, result, time.perf_counter() - started, self.samples.epochs())
+            with faults.nan_loss_at(self.iteration, self.chunks):
+                result = train_step(self.chunks, self.optimizer, self.scheduler, batch, self.batches.shape)
+            self.reporter.step(self.iteration, result, time.perf_counter() - started, self.batches.epochs())
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 raise TrainingDiverged(
                     f"iteration {self.iteration}: loss {result.loss}, gradient norm {result.grad_norm}; stopping "

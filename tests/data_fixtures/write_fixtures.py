@@ -62,7 +62,7 @@ def write_small_dataset(prefix: Path, count: int) -> str:
 def train(flags: list[str], env: dict | None = None) -> None:
     """One in-process run of the trainer with ``flags`` (and environment variables ``env`` while it runs)."""
     from megatron_qwen.platform import distributed
-    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.config import parse_config
     from megatron_qwen.training.trainer import Trainer
 
     os.environ.update(env or {})
@@ -106,7 +106,7 @@ def resume_flags(save_dir: str) -> list[str]:
 
 
 def write_before_layout(out: Path) -> None:
-    from megatron_qwen.training.faults import SIGTERM_AT
+    from megatron_qwen.platform.faults import SIGTERM_AT
     from trainer_common import step_records
 
     os.chdir(out)

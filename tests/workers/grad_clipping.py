@@ -32,8 +32,8 @@ def clipping_findings() -> dict:
 
     from megatron_qwen.models.presets import PRESETS
     from megatron_qwen.training import optimizer as optimizer_state
-    from megatron_qwen.training.config import RunConfig
-    from megatron_qwen.training.trainer import build_chunks
+    from megatron_qwen.config import RunConfig
+    from megatron_qwen.models.chunks import build_chunks
 
     fallbacks = (utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale)
     fallback_code = [function.__code__ for function in fallbacks]
@@ -46,7 +46,8 @@ def clipping_findings() -> dict:
         start = initial = None
         runs = {}
         for kernels in ("megatron", "ours"):
-            chunks = optimizer_state.wrap_ddp(build_chunks(PRESETS["tiny"], config), distributed_optimizer)
+            chunks = build_chunks(PRESETS["tiny"], config.model, config.parallel)
+            chunks = optimizer_state.wrap_ddp(chunks, distributed_optimizer)
             start = start or {k: v.clone() for k, v in chunks[0].module.state_dict().items() if torch.is_tensor(v)}
             chunks[0].module.load_state_dict(start, strict=False)
             initial = weights(chunks) if initial is None else initial

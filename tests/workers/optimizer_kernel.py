@@ -32,8 +32,8 @@ def main(checkpoint_dir: str) -> None:
     from megatron_qwen.models.presets import PRESETS
     from megatron_qwen.platform import distributed
     from megatron_qwen.training import optimizer as optimizer_state
-    from megatron_qwen.training.config import RunConfig
-    from megatron_qwen.training.trainer import build_chunks
+    from megatron_qwen.config import RunConfig
+    from megatron_qwen.models.chunks import build_chunks
 
     distributed.initialize(seed=1)
     config = RunConfig()
@@ -42,7 +42,8 @@ def main(checkpoint_dir: str) -> None:
 
     def build(fused: bool | None):
         nonlocal start
-        chunks = optimizer_state.wrap_ddp(build_chunks(PRESETS["tiny"], config), distributed_optimizer=True)
+        chunks = build_chunks(PRESETS["tiny"], config.model, config.parallel)
+        chunks = optimizer_state.wrap_ddp(chunks, distributed_optimizer=True)
         if start is None:
             start = {key: value.clone() for key, value in chunks[0].module.state_dict().items() if value is not None
                      and torch.is_tensor(value)}

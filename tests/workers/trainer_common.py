@@ -53,6 +53,21 @@ def write_dataset(prefix, conversations, sha, seq_length=SEQ):
     return str(prefix)
 
 
+def batch_source(prefixes, rows="pad", seq_length=SEQ, seed=1234, global_batch_size=1, micro_batch_size=1,
+                 share=(0, 1, 1), **data_settings):
+    """A ``BatchSource`` over ``prefixes`` with the run settings given, the others the trainer's defaults but no
+    validation split (``data_settings``: further ``DataSettings`` fields, and ``eval_conversations``); ``share``:
+    (data-parallel rank, size, row multiple)."""
+    from megatron_qwen.batching.source import BatchSource, DataParallelShare
+    from megatron_qwen.config import DataSettings, TrainingSettings
+
+    training = TrainingSettings(seed=seed, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                                eval_conversations=data_settings.pop("eval_conversations", None))
+    data_settings = {"valid_fraction": 0.0, **data_settings}
+    data = DataSettings(data_path=list(prefixes), rows=rows, seq_length=seq_length, **data_settings)
+    return BatchSource(data, training, DataParallelShare(*share))
+
+
 def random_conversations(count, seed, lengths=(6, SEQ + 1)):
     """Conversations of random length (in tokens) with a random prompt length: the mask is 0 over the
     prompt and 1 after it, so conversations hold different numbers of supervised tokens."""

@@ -43,7 +43,7 @@ def build_watched(trainer_class, config):
 def run(flags, env):
     from megatron.core import parallel_state
 
-    from megatron_qwen.training.config import parse_config
+    from megatron_qwen.config import parse_config
     from megatron_qwen.training.trainer import Trainer
 
     os.environ.update({name: str(value) for name, value in env.items()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trainer_common import random_conversations, tokenizer, write_dataset, write_start_checkpoint
 
-from megatron_qwen.training.sampling import split_conversations
+from megatron_qwen.batching.order import split_conversations
 
 
 def main(out_dir):

@@ -10,10 +10,8 @@ takes ``n - 1`` positions and the first token of a conversation is never the tar
 - ``pack``: a global batch of ``count`` rows, packed best-fit (``next_rows``): all its rows are open at once,
   each conversation of the stream goes into the row with the least free space that still holds it, and the
   first one that fits in no row starts the next global batch. Only a prefix of the stream is consumed, so the
-  data position stays the sampler's draw counts. On the benchmark's synthetic data (tools/benchmark_sft.py,
-  seq_length 2048, median length 0.3 x 2048) this fills 95.2% of the positions of 32-row batches and 96.9% of
-  128-row batches, against 78.8% and 78.1% for greedy packing in stream order (close each row at the first
-  conversation that does not fit), i.e. 1.21x / 1.24x the tokens per update at the same compute.
+  data position stays the sampler's draw counts. Best-fit over the whole batch, rather than closing each row at
+  the first conversation that does not fit, is what fills rows well (docs/performance.md has the figures).
 - ``padfree``: a global batch of ``count`` conversations, the same ones ``pad`` takes, so the update (loss,
   gradients, data position) is ``pad``'s; but they are packed, longest first, each into the row with the
   least free space that holds it (a new row when none does), and all-padding rows are added up to a multiple
@@ -37,12 +35,12 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_qwen.training.conversations import ConversationDataset
+from megatron_qwen.batching.dataset import ConversationDataset
 
 # A row is the tuple of (dataset index, conversation id) it holds; () is an all-padding row.
 Row = tuple[tuple[int, int], ...]
-MODES = ("pad", "pack", "padfree")
-PACKED_MODES = ("pack", "padfree")  # collated as one THD sequence per micro-batch
+ROW_MODES = ("pad", "pack", "padfree")
+PACKED_ROW_MODES = ("pack", "padfree")  # collated as one THD sequence per micro-batch
 
 
 @dataclasses.dataclass
@@ -69,9 +67,20 @@ class MicroBatch:
         )
 
 
-def schedule_shape(mode: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
-    """(seq_length, micro_batch_size) to give megatron's forward_backward_func for this mode's micro-batches."""
-    return (seq_length * micro_batch_size, 1) if mode in PACKED_MODES else (seq_length, micro_batch_size)
+@dataclasses.dataclass(frozen=True)
+class ScheduleShape:
+    """What megatron's pipeline schedule is told about one micro-batch: the ``seq_length`` and
+    ``micro_batch_size`` it sends between stages."""
+
+    seq_length: int
+    micro_batch_size: int
+
+
+def schedule_shape(row_mode: str, seq_length: int, micro_batch_size: int) -> ScheduleShape:
+    """The shape of micro-batches of ``micro_batch_size`` rows (``--rows``): a packed micro-batch is one sequence."""
+    if row_mode in PACKED_ROW_MODES:
+        return ScheduleShape(seq_length * micro_batch_size, 1)
+    return ScheduleShape(seq_length, micro_batch_size)
 
 
 def check_fits(dataset: ConversationDataset, conversation: int, seq_length: int) -> int:
@@ -119,7 +128,7 @@ class _BestFit:
 
 
 def next_rows(
-    mode: str,
+    row_mode: str,
     count: int,
     peek: Callable[[], tuple[int, int] | None],
     take: Callable[[], tuple[int, int]],
@@ -132,12 +141,12 @@ def next_rows(
 
     ``peek`` shows the next conversation (``None`` at the end of a finite stream), ``take`` consumes it. In
     ``pad`` and ``pack`` the first conversation no row holds is left in the stream; a padded row holds one
-    conversation, so in pad mode the rows take the stream in order. Rows the end of a finite stream leaves
+    conversation, so with ``pad`` the rows take the stream in order. Rows the end of a finite stream leaves
     empty are all-padding rows ``()``, always the last ones.
     """
-    if mode == "padfree":
+    if row_mode == "padfree":
         return _conversation_rows(count, peek, take, datasets, seq_length, row_multiple)
-    fit = _BestFit(seq_length, one_per_row=mode == "pad")
+    fit = _BestFit(seq_length, one_per_row=row_mode == "pad")
     fit.open(count)
     while (item := peek()) is not None and fit.place(check_fits(datasets[item[0]], item[1], seq_length), item):
         take()
@@ -161,7 +170,7 @@ def _conversation_rows(count, peek, take, datasets, seq_length, row_multiple) ->
 
 
 def batches_from_list(
-    mode: str,
+    row_mode: str,
     items: Sequence[tuple[int, int]],
     count: int,
     datasets: Sequence[ConversationDataset],
@@ -182,7 +191,7 @@ def batches_from_list(
 
     batches = []
     while cursor < len(items):
-        batches.append(next_rows(mode, count, peek, take, datasets, seq_length, row_multiple))
+        batches.append(next_rows(row_mode, count, peek, take, datasets, seq_length, row_multiple))
     return batches
 
 
@@ -203,7 +212,7 @@ def _padding(length: int, pad_token_id: int) -> tuple[np.ndarray, ...]:
 
 
 def collate(
-    mode: str,
+    row_mode: str,
     rows: Sequence[Row],
     datasets: Sequence[ConversationDataset],
     seq_length: int,
@@ -222,7 +231,7 @@ def collate(
             loss_mask.append(segment_mask)
             segment_lengths.append(len(segment_tokens))
             positions.append(np.arange(len(segment_tokens)))
-    packed = mode in PACKED_MODES
+    packed = row_mode in PACKED_ROW_MODES
     batch_rows = 1 if packed else len(rows)
     as_batch = lambda parts: torch.from_numpy(np.concatenate(parts)).reshape(batch_rows, -1)  # noqa: E731
     if not packed:  # a padded row's positions run on through its padding

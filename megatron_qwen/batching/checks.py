@@ -19,7 +19,7 @@ from megatron_qwen.data.dataset_files import (DatasetFilesError, data_chunks, lo
 from megatron_qwen.data.reasoning_history import DEFAULT_REASONING_HISTORY
 from megatron_qwen.data.writer import TOKEN_DTYPE
 from megatron_qwen.platform import distributed
-from megatron_qwen.training.conversations import ConversationDataset
+from megatron_qwen.batching.dataset import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
 # "provenance", the tokenizer's provenance (ChatTokenizer.provenance()) and the row length the dataset was cut for.

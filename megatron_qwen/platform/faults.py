@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -25,11 +26,19 @@ def _iteration_from(variable: str) -> int | None:
     return int(value) if value else None
 
 
-def poison_loss(per_token_loss: torch.Tensor, iteration: int) -> torch.Tensor:
-    """``per_token_loss``, made NaN when ``iteration`` is the one ``NAN_AT`` names."""
+@contextlib.contextmanager
+def nan_loss_at(iteration: int, chunks: list):
+    """While update ``iteration`` runs: when ``NAN_AT`` names it, every loss-computing model chunk's output (the
+    per-token losses) becomes NaN, and so do the gradients behind it."""
+    hooks = []
     if _iteration_from(NAN_AT) == iteration:
-        return per_token_loss * float("nan")
-    return per_token_loss
+        hooks = [chunk.module.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+                 for chunk in chunks if chunk.module.post_process]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def maybe_signal(iteration: int) -> None:
