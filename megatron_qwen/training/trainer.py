@@ -90,7 +90,7 @@ class Trainer:
                                   parallel_state.get_data_parallel_world_size(), config.row_multiple(world_size))
         self.batches = BatchSource(config.data, training, share)
         unverified_data = self.batches.check(self.tokenizer.sha256, self.model.vocab_size)
-        self.record = checkpointing.RunRecord(self.model, self.tokenizer, self.batches.chat_settings())
+        self.run_record = checkpointing.RunRecord(self.model, self.tokenizer, self.batches.chat_settings())
         self.train_steps, self.warmup_steps = self.run_length()
         fused, fusions_reason = kernel_fusions(config.model.kernel_fusions)
         self.chunks = wrap_ddp(build_chunks(self.model, config.model, parallel, fused), parallel.distributed_optimizer)
@@ -212,7 +212,7 @@ class Trainer:
         checkpoint = self.config.checkpoint
         started = time.perf_counter()
         path = checkpointing.save(checkpoint, self.iteration, self.chunks, self.optimizer, self.trainer_state(),
-                                  self.record)
+                                  self.run_record)
         self.last_saved = self.iteration
         # the time a save takes is what --save-interval-minutes and a preemption's grace period must allow for
         self.reporter.print(f"iteration {self.iteration} | saved {path} in {time.perf_counter() - started:.1f} s")
