@@ -22,7 +22,7 @@
 #   logits and loss (vocab split over TP)     2048 x 152064 / 4 x 6 B                      =  0.5 GB
 #   total ~47 GB, plus CUDA context, NCCL and allocator slack: ~55 GB of 80 GB.
 # Tensor parallel 2 (data parallel 4) would need 14.2 + 28.3 + 21.3 + 7.1 + 0.9 = ~72 GB before any slack,
-# too close to 80 GB; see the README for 16 and 32 GPUs.
+# too close to 80 GB; see docs/launching.md for 16 and 32 GPUs.
 #
 # Preemption: SLURM sends SIGUSR1 to the batch script 10 minutes before the time limit; the script passes it
 # on to the trainer (srun forwards it to every task), which finishes its step, saves (weights 28 GB + optimizer

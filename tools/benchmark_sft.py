@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=flops.H100_SXM_BF16_DENSE_PEAK / 1e12,
                         help="the device's dense bf16 peak for MFU (default: H100 SXM)")
     parser.add_argument("--peer-compile", action="store_true", help="add a row: the peer under torch.compile")
-    parser.add_argument("--tokenizer", default="qwen", help="tokenizer of the synthetic dataset (see README)")
+    parser.add_argument("--tokenizer", default="qwen", help="tokenizer of the synthetic dataset (see docs/data.md)")
     parser.add_argument("--conversations", type=int, default=2000, help="synthetic conversations to write")
     parser.add_argument("--median-length", type=int, default=None,
                         help="median conversation length in tokens (default: 0.3 x --seq-length)")

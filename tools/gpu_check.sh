@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared command of a session with a GPU (tools/gpu_check.py says what it measures). On this workplace's
-# GPU machine (Python 3.12, torch, transformers, no megatron-core, no network) carry .whl/ (see tools/PERFORMANCE.md)
+# GPU machine (Python 3.12, torch, transformers, no megatron-core, no network) carry .whl/ (see docs/performance.md)
 # and run it from the repository root: `bash tools/gpu_check.sh`; everything goes to $OUT (default runs/gpu_check).
 # About 4 minutes on one H100, install included; `bash tools/gpu_check.sh --cpu-dry-run` runs the CPU's share.
 set -uo pipefail

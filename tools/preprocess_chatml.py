@@ -7,7 +7,7 @@
         [--on-error fail|skip]
 
 Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_stats.json (and
-PREFIX_rejects.jsonl with --on-error skip). See the README's data section.
+PREFIX_rejects.jsonl with --on-error skip). See docs/data.md.
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations without one ('' for none)")
     parser.add_argument("--loss-mask", choices=LOSS_MASK_CONVENTIONS, default="assistant",
-                        help="which tokens are targets (see the README)")
+                        help="which tokens are targets (see docs/data.md)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                         help="truncate at a turn boundary, or drop conversations longer than --seq-length")
     parser.add_argument("--reasoning-history", choices=reasoning_history.POLICIES,

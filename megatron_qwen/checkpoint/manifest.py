@@ -15,7 +15,7 @@ by size), hashed on several threads (hashlib releases the GIL), so a large itera
 An iteration without a manifest (written before manifests existed) is not refused: ``verify`` returns a warning.
 
 sha256 is hardware-accelerated on current x86 CPUs: on this project's CPU machine about 1.2 GB/s per thread, so
-hashing 100 GB costs ~85 s of one core, spread over the ranks that save or verify (tools/PERFORMANCE.md).
+hashing 100 GB costs ~85 s of one core, spread over the ranks that save or verify (docs/performance.md).
 """
 from __future__ import annotations
 
