@@ -8,8 +8,10 @@ size is a prefix of the larger), then for each size runs, as separate processes 
 of worker processes:
 
 * the tool, writing a full dataset (rendering, masks, indexed-dataset output, stats);
-* the bare tokenizer: the same reading and JSON parsing and tiktoken's ordinary encoding of every
-  message with Qwen's vocabulary, and nothing else.
+* the bare tokenizer, a plain program that takes nothing from the tool but where Qwen's vocabulary file
+  is and its pre-tokenization pattern: each worker process opens the file, reads its share of the lines
+  (those starting in its slice of the file's bytes, split evenly), ``json.loads`` each line and encodes
+  every message's content with tiktoken's ``encode_ordinary`` over that vocabulary, and nothing else.
 
 It prints each one's wall time and CPU time, their steady-state throughputs (the marginal rate between
 the two sizes, in input MB/s, so fixed start-up costs cancel), the ratio tool/bare of those rates, and
@@ -30,7 +32,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megatron_qwen.data.sources import read_batches  # noqa: E402
 from megatron_qwen.data.tokenizer import QWEN_PATTERN, load_tokenizer  # noqa: E402
 
 ENGLISH = ("the of and to in is that for it as with was on be by this are from or have an they which one you "
@@ -88,10 +89,10 @@ def prefix_of(source: Path, target: Path, size_bytes: int) -> None:
 
 
 # --- the bare tokenizer (runs in a child process: `--bare FILE`) ---
-_bare_encoding = None
+_bare_encoding = None  # set before the workers fork, so they inherit it
 
 
-def _bare_init(tokenizer_spec: str) -> None:
+def _load_bare_encoding(tokenizer_spec: str) -> None:
     import tiktoken
     import tiktoken.load
 
@@ -104,21 +105,31 @@ def _bare_init(tokenizer_spec: str) -> None:
                                        special_tokens={"<|endoftext|>": len(ranks)})
 
 
-def _bare_batch(rows) -> int:
+def bare_share_tokens(path: Path, share: int, shares: int) -> int:
+    """Message tokens of the lines that start in byte slice ``share`` of ``shares`` equal slices of the file."""
+    size = path.stat().st_size
+    start, end = size * share // shares, size * (share + 1) // shares
     tokens = 0
-    for row in rows:
-        record = json.loads(row.data)
-        for message in record["messages"]:
-            tokens += len(_bare_encoding.encode_ordinary(message["content"]))
+    with open(path, "rb") as lines:
+        if start:
+            lines.seek(start - 1)
+            start += len(lines.readline()) - 1  # the line under way at the slice's start is the previous share's
+        while start < end:
+            line = lines.readline()
+            if not line:
+                break
+            start += len(line)
+            for message in json.loads(line)["messages"]:
+                tokens += len(_bare_encoding.encode_ordinary(message["content"]))
     return tokens
 
 
 def run_bare(path: Path, tokenizer_spec: str, workers: int) -> int:
+    _load_bare_encoding(tokenizer_spec)
     if workers == 1:
-        _bare_init(tokenizer_spec)
-        return sum(map(_bare_batch, read_batches([path])))
-    with multiprocessing.get_context("fork").Pool(workers, _bare_init, (tokenizer_spec,)) as pool:
-        return sum(pool.imap(_bare_batch, read_batches([path]), chunksize=1))
+        return bare_share_tokens(path, 0, 1)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return sum(pool.starmap(bare_share_tokens, [(path, share, workers) for share in range(workers)]))
 
 
 # --- the driver ---
