@@ -98,8 +98,8 @@ def check_fits(dataset: ConversationDataset, conversation: int, seq_length: int)
 
 class _BestFit:
     """Rows being filled best-fit: a conversation goes into the row with the least free space that still holds
-    it (ties: the lowest row). The free space is kept sorted and searched by bisection, which keeps a 1024-row
-    batch of ~8,000 conversations at ~20 ms instead of ~0.5 s for a linear scan."""
+    it (ties: the lowest row). The free space is kept sorted and searched by bisection: a linear scan of a
+    1024-row batch's rows per conversation costs tens of times more (docs/performance.md)."""
 
     def __init__(self, seq_length: int, one_per_row: bool):
         self.seq_length = seq_length

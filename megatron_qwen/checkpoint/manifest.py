@@ -14,8 +14,8 @@ wrong size: a listing and a ``stat`` each), then the digests of one share of the
 by size), hashed on several threads (hashlib releases the GIL), so a large iteration is not read by one process.
 An iteration without a manifest (written before manifests existed) is not refused: ``verify`` returns a warning.
 
-sha256 is hardware-accelerated on current x86 CPUs: on this project's CPU machine about 1.2 GB/s per thread, so
-hashing 100 GB costs ~85 s of one core, spread over the ranks that save or verify (docs/performance.md).
+sha256 because it is hardware-accelerated on current x86 CPUs (speeds in docs/performance.md); the cost is spread
+over the ranks that save or verify.
 """
 from __future__ import annotations
 
