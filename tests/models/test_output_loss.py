@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_python, run_torchrun
+from workers import run_python, run_torchrun
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # relative to the largest magnitude; bf16 keeps 8 bits
 

@@ -1,7 +1,9 @@
-"""Shared test helpers: run a worker script under torchrun (gloo, CPU) or as a plain process.
+"""The worker scripts of this folder, which tests run in processes of their own, and how tests run them: under
+torchrun (gloo, CPU) or as a plain process (``from workers import run_torchrun``).
 
-Workers live in tests/workers/; each needs an ``if __name__ == "__main__":`` guard (megatron's
-checkpoint writer spawns a process that re-imports the main module).
+Each script needs an ``if __name__ == "__main__":`` guard (megatron's checkpoint writer spawns a process that
+re-imports the main module); scripts import their neighbours by plain name (``from trainer_common import ...``),
+since they run with this folder first on their path.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-WORKERS = REPO / "tests" / "workers"
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = Path(__file__).resolve().parent
 
 
-def _worker_env() -> dict:
+def worker_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -26,7 +28,7 @@ def _worker_env() -> dict:
 
 def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        command, cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=timeout
+        command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
         raise AssertionError(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _worker_env, run_python
+from workers import REPO, run_python, worker_env
 from workers.trainer_common import VOCAB, fixture_dir, step_records, updates_logged
 
 from megatron_qwen.checkpoint import layout
@@ -60,7 +60,7 @@ def setting(tmp_path_factory):
         "save_interval": 1000, "pad_token_id": VOCAB - 1,
     }))
     env = {
-        **_worker_env(), "DATA": str(data / "plain"), "PRETRAINED": str(data / "start"), "SAVE_DIR": str(work / "save"),
+        **worker_env(), "DATA": str(data / "plain"), "PRETRAINED": str(data / "start"), "SAVE_DIR": str(work / "save"),
         "PYTHON": sys.executable, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
     }
     return env, recipe, work

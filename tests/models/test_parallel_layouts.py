@@ -4,7 +4,7 @@ tests/workers/parallel_equivalence.py)."""
 import pytest
 import torch
 
-from conftest import run_torchrun
+from workers import run_torchrun
 
 LAYOUTS = ["tp1_pp1", "tp2_pp1", "tp1_pp2", "tp2_pp2", "tp2_pp1_sp", "tp2_pp2_sp", "tp2_pp2_vp2"]
 

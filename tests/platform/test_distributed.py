@@ -10,7 +10,7 @@ import os
 import random
 import socket
 
-from conftest import run_torchrun
+from workers import run_torchrun
 from megatron_qwen.platform.distributed import free_port
 
 TIMEOUT_MINUTES = 0.05  # 3 s; the late rank stays away 12 s (tests/workers/distributed_timeout.py)

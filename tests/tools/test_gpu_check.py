@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, _worker_env
+from workers import REPO, worker_env
 from megatron_qwen.models.fusions import FUSED_KERNELS
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**_worker_env(), "OUT": str(out), "PYTHON": sys.executable}
+    env = {**worker_env(), "OUT": str(out), "PYTHON": sys.executable}
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu-dry-run"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

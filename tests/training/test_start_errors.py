@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import REPO, _worker_env, run_python, run_torchrun
+from workers import REPO, run_python, run_torchrun, worker_env
 from workers.trainer_common import fixture_dir, read_records, run_args, run_plan
 
 
@@ -172,7 +172,7 @@ def test_a_save_dir_a_run_cannot_start_in_is_left_as_it_was(runs):
 def run_command_line(*arguments) -> subprocess.CompletedProcess:
     """``python ARGUMENTS`` as a launcher-less process; its status is the test's to check."""
     return subprocess.run(
-        [sys.executable, *arguments], cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, *arguments], cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300
     )
 
 

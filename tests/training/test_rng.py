@@ -4,13 +4,13 @@ without a check and fails at the first dropout on the other kind. Restoring stat
 generator as it is (the run goes on from its seed) and say why; checkpoints from before the device kind was
 recorded are told apart by the states' size."""
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from megatron.core import tensor_parallel
 
+from data_fixtures import LEGACY
 from megatron_qwen.training import rng
 
 CUDA_STATE = torch.arange(16, dtype=torch.uint8)  # what torch.cuda.get_rng_state() returns: seed and offset
@@ -82,7 +82,7 @@ def test_a_checkpoint_from_before_the_device_kind_holds_cpu_states_told_by_their
 
     from megatron_qwen.platform import distributed
 
-    iteration = Path(__file__).parent / "data_fixtures" / "legacy" / "checkpoint" / "iter_0000001"
+    iteration = LEGACY / "checkpoint" / "iter_0000001"
     distributed.initialize(seed=1)
     try:
         states = dist_checkpointing.load({rng.KEY: rng.sharded_object()}, str(iteration))[rng.KEY]

@@ -10,7 +10,7 @@ the same update. Under a mean of per-micro-batch means, 1-row and 2-row micro-ba
 """
 import pytest
 
-from conftest import run_python, run_torchrun
+from workers import run_python, run_torchrun
 from workers.trainer_common import fixture_dir, read_records, run_args, run_plan
 
 PAD_RUNS = {

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_python, run_torchrun
+from workers import REPO, run_python, run_torchrun
 from megatron_qwen.checkpoint import layout
 
 sys.path.insert(0, str(REPO / "tools"))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_python
+from workers import run_python
 from megatron_qwen.models.presets import PRESETS
 
 # Totals published on the Qwen2.5 model cards.

@@ -1,5 +1,5 @@
 """platform/wgrad_accumulation.py on its own (its use inside megatron's layers and DDP is checked against the
-token-weighted reference gradients in tests/test_training_loss.py)."""
+token-weighted reference gradients in tests/training/test_loss.py)."""
 import torch
 
 from megatron_qwen.platform import wgrad_accumulation

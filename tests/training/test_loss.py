@@ -4,7 +4,7 @@ import types
 
 import pytest
 import torch
-from conftest import run_torchrun
+from workers import run_torchrun
 
 from megatron_qwen.training.loss import LOG_KEY, global_batch_totals, loss_func, masked_loss_sum, require_per_token_loss
 

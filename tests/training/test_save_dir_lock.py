@@ -1,7 +1,7 @@
 """One writer per save directory (training/save_dir_lock.py), in this process: a lock left by the same SLURM job (a
 requeue), by a process gone from this host, or with a heartbeat minutes old is taken over and named; a live holder
 stops the second run with a message naming it; the lock goes at release. The refusal inside a trainer's start is
-tested with the resumes (test_trainer_resume.py).
+tested with the resumes (training/test_resume.py).
 """
 import json
 import os

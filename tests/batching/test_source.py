@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_torchrun
 
 from megatron_qwen.data.dataset_files import DatasetFilesError
 from megatron_qwen.batching.checks import DatasetMismatchError
 from megatron_qwen.batching.source import HELD_OUT
-from workers import trainer_common
+from workers import run_torchrun, trainer_common
 from workers.trainer_common import batch_source
 
 SEQ = 16

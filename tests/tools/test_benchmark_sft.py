@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import REPO, run_python
+from workers import REPO, run_python
 
 SCRIPT = REPO / "tools" / "benchmark_sft.py"
 COMMON = [

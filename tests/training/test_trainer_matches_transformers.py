@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_python, run_torchrun
+from workers import run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
 from hf_models import copy_tokenizer, random_qwen2, write_qwen1_checkpoint
 from workers.trainer_common import run_args, run_plan, step_records

@@ -6,7 +6,7 @@ import sys
 import pytest
 from packaging.version import Version
 
-from conftest import REPO
+from workers import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import container_check  # noqa: E402

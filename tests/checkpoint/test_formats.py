@@ -16,12 +16,10 @@ import pytest
 
 from workers.trainer_common import step_records
 
-from data_fixtures import qwen_tiktoken_file
+from data_fixtures import BEFORE_LAYOUT, qwen_tiktoken_file
 from megatron_qwen.platform import distributed
 from megatron_qwen.config import parse_config
 from megatron_qwen.training.trainer import Trainer
-
-BEFORE_LAYOUT = Path(__file__).parent / "data_fixtures" / "before_layout"
 
 
 def fixture_copy(source: Path, target: Path) -> Path:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import REPO, _worker_env, run_python, run_torchrun
+from workers import REPO, run_python, run_torchrun, worker_env
 from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
                        write_qwen1_checkpoint)
 
@@ -237,7 +237,7 @@ def test_export_writes_safetensors_shards_with_an_index(converted):
 
 def run_verify(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "tools" / "verify_conversion.py"), *map(str, args)]
-    return subprocess.run(command, env=_worker_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
 
 
 def reported(stdout: str, what: str) -> float:

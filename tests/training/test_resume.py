@@ -13,7 +13,7 @@ its losses and gradient norms, update by update.
 
 import pytest
 
-from conftest import run_python, run_torchrun
+from workers import run_python, run_torchrun
 from workers.trainer_common import fixture_dir, read_records, run_args, run_plan, step_records
 
 from megatron_qwen.checkpoint import layout

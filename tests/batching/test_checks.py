@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_fixtures import LEGACY
 from megatron_qwen.data.dataset_files import DatasetFilesError, DIGEST_CHUNK_BYTES
 from megatron_qwen.batching.checks import DatasetMismatchError
 from workers import trainer_common
@@ -22,7 +23,6 @@ from workers.trainer_common import batch_source
 
 SEQ = 16
 SHA = "ab" * 32
-LEGACY = Path(__file__).parent / "data_fixtures" / "legacy"
 CONVERSATIONS = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10, 11], [0, 1, 1]), ([12, 13, 14, 15, 16], [0, 0, 0, 1, 1])]
 
 

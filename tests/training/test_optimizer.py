@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from conftest import run_python
+from workers import run_python
 
 
 @pytest.fixture(scope="module")

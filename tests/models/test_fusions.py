@@ -1,12 +1,12 @@
 """``--kernel-fusions`` (``models/fusions.py``): the decision by flag, device and start-up probe, and the probe itself on
-a host whose C compiler does not work. (A CPU run with the fusions asked for: tests/test_tools_gpu_check.py.)"""
+a host whose C compiler does not work. (A CPU run with the fusions asked for: tests/tools/test_gpu_check.py.)"""
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, _worker_env
+from workers import REPO, worker_env
 from megatron_qwen.models.fusions import choose_kernel_fusions
 
 FAILURE = "InductorError: no working C++ compiler"
@@ -39,7 +39,7 @@ def test_fusions_asked_for_where_the_probe_fails_are_an_error_naming_the_flag(de
 
 
 def test_the_probe_reports_a_host_without_a_working_c_compiler(tmp_path):
-    env = {**_worker_env(), "CC": "/bin/false", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {**worker_env(), "CC": "/bin/false", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     probe = "from megatron_qwen.models.fusions import compile_probe; print('PROBE', compile_probe('cpu'))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)

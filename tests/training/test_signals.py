@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, _worker_env, run_python
+from workers import REPO, run_python, worker_env
 from workers.trainer_common import fixture_dir, run_args, step_records, updates_logged
 
 from megatron_qwen.checkpoint import layout
@@ -49,7 +49,7 @@ class Launch:
                    "-m", "megatron_qwen.train", *flags]
         with open(f"{output}.out", "w") as stdout, open(f"{output}.err", "w") as stderr:
             self.torchrun = subprocess.Popen(
-                command, cwd=REPO, env={**_worker_env(), SLOW_WRITES: str(WRITE_SECONDS)}, stdout=stdout,
+                command, cwd=REPO, env={**worker_env(), SLOW_WRITES: str(WRITE_SECONDS)}, stdout=stdout,
                 stderr=stderr, start_new_session=True,
             )
 
