@@ -378,6 +378,7 @@ def test_an_update_larger_than_the_training_set_is_refused(tmp_path):
         check(9)
 
 
+@pytest.mark.slow
 def test_packed_and_padded_micro_batches_give_the_same_loss_through_the_model(tmp_path):
     rng = np.random.default_rng(4)
     conversations = []

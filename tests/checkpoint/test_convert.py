@@ -34,6 +34,8 @@ from workers import REPO, run_python, run_torchrun, worker_env
 from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
                        write_qwen1_checkpoint)
 
+pytestmark = pytest.mark.slow  # conversion tools run in worker processes, logits under torchrun
+
 PROMPTS = [[3, 17, 250, 9, 42, 7, 199, 1, 64, 128, 5], [5, 120, 33, 299, 2]]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 SHAPES = {

@@ -21,6 +21,8 @@ from megatron_qwen.platform import distributed
 from megatron_qwen.config import parse_config
 from megatron_qwen.training.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # a trainer resumed and trained in this process
+
 
 def fixture_copy(source: Path, target: Path) -> Path:
     """A writable copy of a committed fixture, with the tokenizer file its iterations were committed without."""

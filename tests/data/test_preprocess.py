@@ -217,6 +217,7 @@ def test_incomplete_dataset_is_refused(tmp_path):
         read_stats(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_nothing_under_prefix(tmp_path):
     path = many_conversations(tmp_path / "big.jsonl", 40000)
     prefix = tmp_path / "out" / "killed"
@@ -244,6 +245,7 @@ def test_sigkill_mid_run_leaves_nothing_under_prefix(tmp_path):
     assert sorted(os.listdir(prefix.parent)) == outputs_under(prefix)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_and_exit_status(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD, '{"messages": []}'])
     done = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_chatml.py"), "--input", str(path),

@@ -27,6 +27,8 @@ from workers.trainer_common import VOCAB, fixture_dir, step_records, updates_log
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.platform.distributed import free_port
 
+pytestmark = pytest.mark.slow  # the launch script under torchrun and a stand-in SLURM
+
 SRUN = """#!/usr/bin/env bash
 # srun on one host: SLURM_NTASKS tasks of the command, SIGUSR1 passed on to them, the first failure's status
 while [[ $1 == -* ]]; do shift; done

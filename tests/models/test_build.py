@@ -8,6 +8,8 @@ import pytest
 from workers import run_python
 from megatron_qwen.models.presets import PRESETS
 
+pytestmark = pytest.mark.slow  # a worker process builds and runs the models
+
 # Totals published on the Qwen2.5 model cards.
 QWEN25_PUBLISHED_TOTALS = {
     "qwen2.5-0.5b": 0.49e9,

@@ -38,6 +38,7 @@ def test_fusions_asked_for_where_the_probe_fails_are_an_error_naming_the_flag(de
         choose_kernel_fusions(True, device, lambda: FAILURE)
 
 
+@pytest.mark.slow
 def test_the_probe_reports_a_host_without_a_working_c_compiler(tmp_path):
     env = {**worker_env(), "CC": "/bin/false", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     probe = "from megatron_qwen.models.fusions import compile_probe; print('PROBE', compile_probe('cpu'))"

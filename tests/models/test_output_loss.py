@@ -9,6 +9,8 @@ import pytest
 
 from workers import run_python, run_torchrun
 
+pytestmark = pytest.mark.slow  # a worker process and a 2-process torchrun launch
+
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # relative to the largest magnitude; bf16 keeps 8 bits
 
 

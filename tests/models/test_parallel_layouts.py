@@ -6,6 +6,8 @@ import torch
 
 from workers import run_torchrun
 
+pytestmark = pytest.mark.slow  # a 4-process torchrun launch
+
 LAYOUTS = ["tp1_pp1", "tp2_pp1", "tp1_pp2", "tp2_pp2", "tp2_pp1_sp", "tp2_pp2_sp", "tp2_pp2_vp2"]
 
 

@@ -10,12 +10,15 @@ import os
 import random
 import socket
 
+import pytest
+
 from workers import run_torchrun
 from megatron_qwen.platform.distributed import free_port
 
 TIMEOUT_MINUTES = 0.05  # 3 s; the late rank stays away 12 s (tests/workers/distributed_timeout.py)
 
 
+@pytest.mark.slow
 def test_a_late_rank_fails_the_collectives_after_the_configured_timeout(tmp_path):
     output = run_torchrun("distributed_timeout.py", 2, TIMEOUT_MINUTES, tmp_path, timeout=120).stdout
     line = next(line for line in output.splitlines() if line.startswith("FINDINGS "))

@@ -14,6 +14,8 @@ import pytest
 
 from workers import REPO, run_python
 
+pytestmark = pytest.mark.slow  # the benchmark's processes
+
 SCRIPT = REPO / "tools" / "benchmark_sft.py"
 COMMON = [
     "--seq-length", "128", "--global-batch-size", "4", "--micro-batch-size", "2", "--steps", "1", "--warmup", "1",

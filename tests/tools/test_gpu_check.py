@@ -11,6 +11,8 @@ import pytest
 from workers import REPO, worker_env
 from megatron_qwen.models.fusions import FUSED_KERNELS
 
+pytestmark = pytest.mark.slow  # the gpu_check.sh dry run's trainer and benchmark processes
+
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):

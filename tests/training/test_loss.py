@@ -42,6 +42,7 @@ def test_configurations_that_would_average_per_micro_batch_are_refused():
         )
 
 
+@pytest.mark.slow
 def test_megatron_schedule_gives_the_global_token_mean_for_every_split(tmp_path):
     out = tmp_path / "loss.json"
     run_torchrun("training_loss.py", 2, out, timeout=240)

@@ -19,6 +19,8 @@ import pytest
 
 from workers import run_python
 
+pytestmark = pytest.mark.slow  # a worker process trains megatron optimizers
+
 
 @pytest.fixture(scope="module")
 def findings():

@@ -19,6 +19,8 @@ from workers.trainer_common import fixture_dir, read_records, run_args, run_plan
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.platform.faults import NAN_AT, SIGTERM_AT
 
+pytestmark = pytest.mark.slow  # one 4-process torchrun launch of many trainer runs
+
 STEPS = 4
 STOP = 2  # the update after which the stopped runs get SIGTERM
 ROWS = ("pack", "padfree")

@@ -32,6 +32,8 @@ from workers.trainer_common import fixture_dir, run_args, step_records, updates_
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.platform.faults import SLOW_WRITES
 
+pytestmark = pytest.mark.slow  # torchrun launches of the trainer, signalled
+
 STEPS = 8  # more than the parts can reach, however late a signal lands
 WRITE_SECONDS = 2
 

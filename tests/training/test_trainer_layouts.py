@@ -13,6 +13,8 @@ import pytest
 from workers import run_python, run_torchrun
 from workers.trainer_common import fixture_dir, read_records, run_args, run_plan
 
+pytestmark = pytest.mark.slow  # one 4-process torchrun launch of many trainer runs
+
 PAD_RUNS = {
     "dp4_mbs1": {},
     "dp4_mbs2": {"micro_batch_size": 2},

@@ -36,6 +36,8 @@ from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
 from hf_models import copy_tokenizer, random_qwen2, write_qwen1_checkpoint
 from workers.trainer_common import run_args, run_plan, step_records
 
+pytestmark = pytest.mark.slow  # conversions, preprocessing and 2-process trainer runs
+
 SEQ_LENGTH = 256
 UPDATES = 3
 # The report's betas, epsilon and clipping; a weight decay of 20 makes lr x decay a 2% shrink per step, so
