@@ -12,11 +12,15 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup test quickstart
+.PHONY: setup test test-fast quickstart
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests
+
+# The quick tests only: none that starts processes or trains for seconds (the `slow` marker, tests/pytest.ini).
+test-fast: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 quickstart: $(VENV)/.installed
 	bash examples/quickstart_cpu.sh $(PYTHON)

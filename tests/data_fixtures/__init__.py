@@ -1,5 +1,6 @@
 """Reference encoders and inputs for the data tests, built straight from the tokenizer libraries (never
-from megatron_qwen's own code), so the tests derive their expectations independently."""
+from megatron_qwen's own code), so the tests derive their expectations independently; and where the committed
+format fixtures lie."""
 import functools
 import importlib.util
 import json
@@ -7,6 +8,9 @@ import unicodedata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# the committed format fixtures, written by earlier commits (write_fixtures.py)
+LEGACY = Path(__file__).resolve().parent / "legacy"
+BEFORE_LAYOUT = Path(__file__).resolve().parent / "before_layout"
 SAMPLES = [REPO / "examples" / "data" / "chat_openai.jsonl", REPO / "examples" / "data" / "chat_sharegpt.jsonl"]
 QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
