@@ -7,7 +7,7 @@ Two vocabularies are supported, both byte-level BPE with the ChatML ids 151643-1
 * Qwen2/2.5/3: a directory with a Hugging Face ``tokenizer.json``. When that file is exactly
   "NFC + one split pattern + byte-level BPE whose merge order is its id order" (as Qwen's are), its
   vocabulary is handed to tiktoken, which is several times faster than the ``tokenizers`` library and
-  gives identical ids (tests/test_data_tokenizer.py proves it over varied text). Any other
+  gives identical ids (tests/data/test_tokenizer.py proves it over varied text). Any other
   ``tokenizer.json`` falls back to the ``tokenizers`` library itself.
 
 ``encode(text)`` treats text as data: tokens a vocabulary marks special (``<|im_end|>`` and the like)

@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from workers import REPO
 from megatron_qwen.data.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(REPO / "tools"))
 import benchmark_preprocess as benchmark  # noqa: E402  (the workers it forks find their function by this name)
+
+pytestmark = pytest.mark.slow  # forks worker processes
 
 
 def message_tokens(path) -> int:
