@@ -1,10 +1,11 @@
-"""Supervised finetuning of a Qwen model on megatron-core.
+"""Supervised finetuning of a Qwen model on megatron-core: ``megatron-qwen train`` (``python -m megatron_qwen.train``).
 
-    python -m megatron_qwen.train [--recipe FILE] [--flag value ...]     # one process
-    torchrun --nproc-per-node 8 -m megatron_qwen.train --recipe examples/recipes/qwen_14b_sft.json ...
-    srun python -m megatron_qwen.train ...                               # under SLURM (one task per GPU)
+    megatron-qwen train [--recipe NAME|FILE] [--flag value ...]                     # one process
+    torchrun --no-python --nproc-per-node 8 megatron-qwen train --recipe qwen_14b_sft ...
+    srun megatron-qwen train ...                                                    # under SLURM (one task per GPU)
 
 ``--help`` lists every setting (megatron_qwen/config.py); a recipe file sets many at once and flags override it.
+``--recipe NAME`` names one of the recipes shipped in megatron_qwen/recipes/ (NAME.json).
 Exit status: 0 when the run finished or stopped on SIGTERM/SIGUSR1 (after saving; a signal during start-up
 stops it before any update, with nothing new to save); 2 for a configuration, dataset or checkpoint that
 cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a checkpoint could not be written
@@ -12,9 +13,14 @@ cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 
+from megatron_qwen.platform.fallbacks import quiet_fallback_warnings
 from megatron_qwen.training.interrupts import StopRequest
+
+RECIPES = Path(__file__).parent / "recipes"
 
 
 def _failures() -> tuple:
@@ -38,20 +44,54 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def packaged_recipe(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--recipe`` that names a shipped recipe (NAME for RECIPES/NAME.json) replaced by
+    that file's path; a file that exists is taken as it is."""
+    argv = list(argv)
+    for position, argument in enumerate(argv):
+        flag, equals, value = argument.partition("=")
+        if flag != "--recipe":
+            continue
+        value_at = position if equals else position + 1
+        value = value if equals else (argv[value_at] if value_at < len(argv) else None)
+        if value is None or Path(value).exists():
+            continue
+        shipped = RECIPES / f"{value.removesuffix('.json')}.json"
+        if not shipped.is_file():
+            names = ", ".join(sorted(path.stem for path in RECIPES.glob("*.json")))
+            raise ValueError(f"--recipe {value}: no such file, nor a shipped recipe ({names})")
+        argv[value_at] = f"--recipe={shipped}" if equals else str(shipped)
+    return argv
+
+
+@contextlib.contextmanager
+def program_name(prog: str):
+    """argparse names the program in usage lines after ``sys.argv[0]``: the command as the user typed it."""
+    saved, sys.argv[0] = sys.argv[0], prog
+    try:
+        yield
+    finally:
+        sys.argv[0] = saved
+
+
+def main(argv: list[str] | None = None, prog: str = "megatron-qwen train") -> int:
     # Before anything else: torch and megatron-core take seconds to import, on every rank at once, and a preemption
     # signal meanwhile would kill a process that a requeueing launcher then takes for a failure. Recorded, it stops
     # the run at the end of its start-up.
     stop = StopRequest()
-    from megatron_qwen.platform import distributed
+    quiet_fallback_warnings()
     from megatron_qwen.config import parse_config
-    from megatron_qwen.training.trainer import Trainer
 
     try:
-        config = parse_config(argv)
+        with program_name(prog):
+            config = parse_config(packaged_recipe(sys.argv[1:] if argv is None else argv))
     except ValueError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2
+    # torch and megatron-core only now: --help and a bad flag answer at once
+    from megatron_qwen.platform import distributed
+    from megatron_qwen.training.trainer import Trainer
+
     failures = _failures()
     trainer = None
     try:
@@ -71,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # processes that multiprocessing spawns re-import the main module
-    sys.exit(main())
+    sys.exit(main(prog="python -m megatron_qwen.train"))

@@ -1,70 +1,12 @@
-"""Converts Qwen checkpoints between Hugging Face and megatron-core.
-
-  hf-to-mcore --hf-dir DIR --mcore-dir OUT [--tokenizer-dir DIR]
-      Reads a first-generation Qwen (QWenLMHeadModel), Qwen2/2.5 (Qwen2ForCausalLM) or Qwen3
-      (Qwen3ForCausalLM) checkpoint (safetensors or .bin, single file or indexed shards) and writes
-      iteration 0 of the checkpoint layout in OUT. The tokenizer files come from --hf-dir unless
-      --tokenizer-dir names another folder.
-  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
-              [--reasoning-history keep|split] [--skip-verify]
-      Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
-      index, config.json, the tokenizer files, the ChatML chat template (adding the training data's
-      default system prompt, or --system-prompt, to conversations without one, and writing earlier
-      replies' reasoning as the training data did, or as --reasoning-history says) and generation_config.json.
-      The iteration's files are first checked against its manifest (--skip-verify: not), and weights that are
-      not finite (NaN, Inf) are refused.
-
-Runs as a single process on the CPU; check the result with tools/verify_conversion.py.
-"""
-from __future__ import annotations
-
-import argparse
+#!/usr/bin/env python
+"""``megatron-qwen convert`` from a checkout (megatron_qwen/cli/convert.py): Qwen checkpoints between Hugging Face
+and megatron-core."""
 import sys
+from pathlib import Path
 
-from megatron_qwen.checkpoint.convert import LAYOUTS, hf_to_mcore, mcore_to_hf
-from megatron_qwen.data import reasoning_history
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    to_mcore = commands.add_parser("hf-to-mcore", help="Hugging Face -> megatron-core (iteration 0)")
-    to_mcore.add_argument("--hf-dir", required=True)
-    to_mcore.add_argument("--mcore-dir", required=True)
-    to_mcore.add_argument("--tokenizer-dir", help="folder with the tokenizer files (default: --hf-dir)")
-    to_hf = commands.add_parser("mcore-to-hf", help="megatron-core -> Hugging Face")
-    to_hf.add_argument("--mcore-dir", required=True)
-    to_hf.add_argument("--hf-dir", required=True)
-    to_hf.add_argument("--format", choices=sorted(LAYOUTS),
-                       help="qwen3: Qwen3ForCausalLM (the default for Qwen3 models); qwen2: Qwen2ForCausalLM (the "
-                            "default for the others); qwen: the first-generation layout (needs Qwen's model code)")
-    to_hf.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
-    to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GB)")
-    to_hf.add_argument("--system-prompt", help="the chat template's system turn for conversations without one "
-                       "('' for none; default: the one the training data was preprocessed with)")
-    to_hf.add_argument("--reasoning-history", choices=reasoning_history.POLICIES,
-                       help="whether the chat template keeps the reasoning of replies before the last user query "
-                            "(default: as the training data was preprocessed)")
-    to_hf.add_argument("--skip-verify", action="store_true",
-                       help="export without checking the iteration's files against its manifest (sizes, sha256)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.command == "hf-to-mcore":
-            written = hf_to_mcore(args.hf_dir, args.mcore_dir, args.tokenizer_dir)
-        else:
-            written = mcore_to_hf(args.mcore_dir, args.hf_dir, args.format, args.iteration,
-                                  int(args.max_shard_gb * 2**30), args.system_prompt, args.reasoning_history,
-                                  args.skip_verify)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-        print(f"convert_checkpoint.py {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {written}")
-    return 0
-
+from megatron_qwen.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":  # the guard matters: dist-checkpointing's writer re-imports this module
     sys.exit(main())

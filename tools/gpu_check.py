@@ -13,7 +13,7 @@ stopping the others:
    median milliseconds per layer, forward and backward, of the current code, of the code before it (3-D
    ``[heads, len, dim]`` calls with repeated keys/values, which run the math kernel) and, without dropout, of
    ``torch.nn.attention.varlen.varlen_attn`` (one call per row).
-2. ``benchmark``: ``tools/benchmark_sft.py`` for qwen2.5-1.5b on padfree rows, ours against the transformers peer, a
+2. ``benchmark``: ``megatron-qwen benchmark`` for qwen2.5-1.5b on padfree rows, ours against the transformers peer, a
    short run; it counts our row's host synchronisations under CUDA's sync-debug mode.
 3. ``resume``: the tiny preset trains 3 updates saving at 2 and 3; the iteration-2 checkpoint is resumed on this
    device and, in a process that sees no GPU, on the CPU; each resume's update 3 against the uninterrupted run's.
@@ -38,7 +38,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -136,14 +135,14 @@ def check_kernels(dry_run: bool) -> dict:
 
 
 def check_benchmark(out: Path, dry_run: bool) -> dict:
-    import benchmark_sft
+    from megatron_qwen.cli import benchmark
 
     sizes = (["--preset", "tiny", "--seq-length", "128", "--global-batch-size", "4", "--conversations", "32",
               "--precision", "fp32"] if dry_run else
              ["--preset", "qwen2.5-1.5b", "--global-batch-size", "16", "--conversations", "400"])
     argv = [*sizes, "--rows", "padfree", "--warmup", "1", "--steps", "3" if not dry_run else "1",
             "--json", str(out / "benchmark.json")]
-    status = benchmark_sft.main(argv)
+    status = benchmark.main(argv)
     report = json.loads((out / "benchmark.json").read_text())
     run = report["runs"][0]
     return {"status": status, "device": report["device"], "ours_over_peer_tokens_per_s": run["ours_over_peer_tokens_per_s"],
@@ -184,10 +183,10 @@ def resume_copy(full: Path, target: Path) -> Path:
 
 
 def check_resume(out: Path, work: Path, dry_run: bool) -> dict:
-    import benchmark_sft
+    from megatron_qwen.training.benchmark import write_dataset
 
     args = argparse.Namespace(seed=1, median_length=40, seq_length=128, conversations=64, tokenizer="qwen")
-    prefix, _ = benchmark_sft.write_dataset(work, args)
+    prefix, _ = write_dataset(work, args)
     full = work / "full"
     losses = train(trainer_flags(prefix, full, 3, dry_run))
     here = train(trainer_flags(prefix, resume_copy(full, work / "here"), 3, dry_run))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_qwen.platform.fallbacks import FALLBACK_WARNING
 from megatron_qwen.platform.paths import folder_problem
 
 TEXT_SUFFIX = "_text_document"
@@ -84,7 +85,7 @@ def indexed_dataset_module():
     """megatron-core's ``indexed_dataset`` module, imported when first needed (the import costs seconds)
     and without its optional-dependency warnings, which concern training, not reading or writing data."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message=FALLBACK_WARNING)
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 

@@ -26,6 +26,7 @@ from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.chunks import build_chunks, fusions_in_use, kernel_fusions
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.platform import distributed, faults
+from megatron_qwen.platform.fallbacks import fallback_note
 from megatron_qwen.training import checkpointing, save_dir_lock
 from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.lr_schedule import build_scheduler
@@ -120,6 +121,7 @@ class Trainer:
             f"layout {self.parallel_layout()}; rows {config.data.rows}, micro-batches of {training.micro_batch_size} "
             f"row(s), {num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
             f"kernel fusions {fusions_reason}, in use: {', '.join(fusions_in_use(self.chunks)) or 'none'}; "
+            f"{fallback_note()}; "
             f"{self.length_plan()}; "
             f"{self.validation_plan()}"
         )

@@ -2,15 +2,12 @@
 manifest, atomic saves (one single-process save run), a save that fails on one of two ranks, and the converter's
 errors for bad input."""
 import json
-import sys
 
 import pytest
 
-from workers import REPO, run_python, run_torchrun
+from workers import run_python, run_torchrun
 from megatron_qwen.checkpoint import layout
-
-sys.path.insert(0, str(REPO / "tools"))
-import convert_checkpoint  # noqa: E402  (tools/ is not a package)
+from megatron_qwen.cli import convert
 
 
 def make_iteration(root, iteration):
@@ -108,7 +105,7 @@ def test_a_save_failing_on_the_writing_rank_stops_both_ranks_and_keeps_the_last_
 
 
 def convert_error(capsys, *argv) -> str:
-    assert convert_checkpoint.main([str(arg) for arg in argv]) == 2
+    assert convert.main([str(arg) for arg in argv]) == 2
     return capsys.readouterr().err
 
 

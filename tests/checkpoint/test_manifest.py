@@ -16,7 +16,6 @@ import io
 import json
 import shutil
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,15 +25,13 @@ import torch
 
 import data_fixtures
 from megatron_qwen.checkpoint import layout, manifest
+from megatron_qwen.cli import convert
 from megatron_qwen.platform import distributed
 from megatron_qwen.training import checkpointing
 from megatron_qwen.config import parse_config
 from megatron_qwen.training.interrupts import StopRequest
 from megatron_qwen.training.trainer import Trainer
-from workers import REPO, trainer_common
-
-sys.path.insert(0, str(REPO / "tools"))
-import convert_checkpoint  # noqa: E402  (tools/ is not a package)
+from workers import trainer_common
 
 pytestmark = pytest.mark.slow  # trainers built, trained and resumed in this process
 
@@ -170,12 +167,11 @@ def test_a_truncated_deleted_or_foreign_shard_is_named_by_the_export(trained, tm
 
 
 def convert_error(capsys, mcore_dir, hf_dir, *flags) -> str:
-    """The one-line error of ``convert_checkpoint.py mcore-to-hf`` (exit status 2)."""
-    assert convert_checkpoint.main(["mcore-to-hf", "--mcore-dir", str(mcore_dir), "--hf-dir", str(hf_dir),
-                                    *flags]) == 2
+    """The one-line error of ``megatron-qwen convert mcore-to-hf`` (exit status 2)."""
+    assert convert.main(["mcore-to-hf", "--mcore-dir", str(mcore_dir), "--hf-dir", str(hf_dir), *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    return lines[0].removeprefix("convert_checkpoint.py mcore-to-hf: error: ")
+    return lines[0].removeprefix("megatron-qwen convert mcore-to-hf: error: ")
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "common.pt", ".metadata", "model_config.json"])
@@ -230,8 +226,7 @@ def test_a_legacy_iteration_without_a_manifest_loads_with_a_warning(trained, tmp
     # the trainer started from it (the fixture's run) and the converter exports it, each with the warning
     assert f"warning: {warning}" in trained.start_log
     assert trained.iteration.is_dir()
-    assert convert_checkpoint.main(["mcore-to-hf", "--mcore-dir", str(trained.legacy), "--hf-dir",
-                                    str(tmp_path / "hf")]) == 0
+    assert convert.main(["mcore-to-hf", "--mcore-dir", str(trained.legacy), "--hf-dir", str(tmp_path / "hf")]) == 0
     assert f"warning: {warning}" in capsys.readouterr().err
     assert (tmp_path / "hf" / "config.json").is_file()
 

@@ -1,18 +1,10 @@
-"""tools/inspect_dataset.py shows a stored conversation with exactly its supervised tokens marked."""
-import importlib.util
-
+"""``megatron-qwen inspect`` shows a stored conversation with exactly its supervised tokens marked."""
 import pytest
 
-from data_fixtures import REPO, SAMPLES, chat, hf_reference, hf_tokenizer_dir, write_jsonl
+from data_fixtures import SAMPLES, chat, hf_reference, hf_tokenizer_dir, write_jsonl
+from megatron_qwen.cli import inspect_dataset
 from megatron_qwen.data.encode import EncodeSettings
 from megatron_qwen.data.preprocess import PreprocessJob, run
-
-
-def inspect_main():
-    spec = importlib.util.spec_from_file_location("inspect_dataset", REPO / "tools" / "inspect_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.parametrize("convention, marked", [
@@ -30,7 +22,7 @@ def test_marks_supervised_spans(tmp_path, capsys, convention, marked):
     prefix = tmp_path / "sample"
     run(PreprocessJob(inputs=SAMPLES, tokenizer="qwen", output_prefix=prefix, progress=False,
                       settings=EncodeSettings(loss_mask=convention)))
-    assert inspect_main()([str(prefix), "--index", "0", "--colour", "never"]) == 0
+    assert inspect_dataset.main([str(prefix), "--index", "0", "--colour", "never"]) == 0
     out = capsys.readouterr().out
     assert f"\n{marked}\n" in out
     assert f"loss mask convention '{convention}'" in out and '"written": 42' in out
@@ -40,15 +32,15 @@ def test_hf_dataset_needs_its_tokenizer(tmp_path, capsys):
     prefix = tmp_path / "hf"
     path = write_jsonl(tmp_path / "in.jsonl", [chat(("user", "Hi"), ("assistant", "<think>\nok\n</think>"))])
     run(PreprocessJob(inputs=[path], tokenizer=str(hf_tokenizer_dir()), output_prefix=prefix, progress=False))
-    assert inspect_main()([str(prefix), "--colour", "never"]) == 1
+    assert inspect_dataset.main([str(prefix), "--colour", "never"]) == 1
     assert "pass it with --tokenizer" in capsys.readouterr().err
-    assert inspect_main()([str(prefix), "--tokenizer", str(hf_tokenizer_dir()), "--colour", "never", "--ids"]) == 0
+    assert inspect_dataset.main([str(prefix), "--tokenizer", str(hf_tokenizer_dir()), "--colour", "never", "--ids"]) == 0
     out = capsys.readouterr().out
     assert "<|im_start|>assistant\n[[<think>\nok\n</think><|im_end|>]]\n" in out
     content = hf_reference("<think>\nok\n</think>")
     assert content[0] == 151667 and content[-1] == 151668
     assert " ".join(f"{i}:1" for i in content) + " 151645:1 198:0" in out
-    assert inspect_main()([str(prefix), "--index", "5", "--tokenizer", str(hf_tokenizer_dir())]) == 1
+    assert inspect_dataset.main([str(prefix), "--index", "5", "--tokenizer", str(hf_tokenizer_dir())]) == 1
 
 
 def test_a_damaged_index_is_named_not_a_traceback(tmp_path, capsys):
@@ -56,5 +48,5 @@ def test_a_damaged_index_is_named_not_a_traceback(tmp_path, capsys):
     run(PreprocessJob(inputs=[SAMPLES[0]], tokenizer="qwen", output_prefix=prefix, progress=False))
     index = tmp_path / "d_loss_mask_document.idx"
     index.write_bytes(b"JUNKJUNKJ" + index.read_bytes()[9:])  # megatron-core's reader asserts on its magic
-    assert inspect_main()([str(prefix), "--colour", "never"]) == 1
+    assert inspect_dataset.main([str(prefix), "--colour", "never"]) == 1
     assert capsys.readouterr().err == f"error: {index}: not a megatron-core index (bad magic); rebuild the dataset\n"

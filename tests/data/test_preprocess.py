@@ -3,7 +3,6 @@ rejects, gzip, identical output for any number of workers, and nothing under PRE
 or a SIGKILL."""
 import errno
 import gzip
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -18,6 +17,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_fixtures import REPO, SAMPLES, chat, write_jsonl
+from megatron_qwen.cli import preprocess as preprocess_command
 from megatron_qwen.data.chatml import ChatMLRenderer, Message, with_system_prompt
 from megatron_qwen.data import writer as writer_module
 from megatron_qwen.data.dataset_files import DatasetFilesError, OutputError, read_stats
@@ -339,11 +339,8 @@ def test_workers_are_capped_to_the_batches_of_input(tmp_path, capsys):
 
 
 def test_cli_exits_1_naming_an_empty_input(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("preprocess_chatml", REPO / "tools" / "preprocess_chatml.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     path = write_jsonl(tmp_path / "empty.jsonl", [])
-    assert tool.main(["--input", str(path), "--tokenizer", "qwen", "--output-prefix", str(tmp_path / "x"),
+    assert preprocess_command.main(["--input", str(path), "--tokenizer", "qwen", "--output-prefix", str(tmp_path / "x"),
                       "--no-progress"]) == 1
     assert f"error: {path}: no conversations (empty input)" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["empty.jsonl"]
