@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_qwen.platform.paths import give_created_file_mode
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_LAYOUTS = (  # (index file, single file), in order of preference
     (SAFETENSORS_INDEX, "model.safetensors"),
@@ -124,6 +126,7 @@ class SafetensorsShardWriter:
     def _flush(self) -> None:
         path = self.dir / f"shard-{len(self._shards) + 1}.partial"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        give_created_file_mode(path)
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

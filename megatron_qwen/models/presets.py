@@ -101,6 +101,20 @@ def _rope_base(hf: dict, where: Path) -> float:
     return float(hf.get("rope_theta", parameters.get("rope_theta", 10000.0)))
 
 
+def _model_name(hf: dict, config_path: Path) -> str:
+    """What a converted model is called: the name its ``config.json`` records, else its folder's when that names a
+    Qwen model (for a Hugging Face cache snapshot, whose folder is a commit hash, the repository's), else its
+    architecture and folder (``Qwen2ForCausalLM (hf)``: an export's folder is often named after the format only)."""
+    if hf.get("_name_or_path"):
+        return Path(hf["_name_or_path"]).name
+    folder = config_path.resolve().parent
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        folder = Path(folder.parent.parent.name.split("--")[-1])
+    if "qwen" in folder.name.lower():
+        return folder.name
+    return f"{(hf.get('architectures') or [hf.get('model_type', 'qwen')])[0]} ({folder.name})"
+
+
 def from_hf_config(path: str | Path) -> QwenConfig:
     """Reads a first-generation (``QWenLMHeadModel``), Qwen2 (``Qwen2ForCausalLM``) or Qwen3 (``Qwen3ForCausalLM``)
     ``config.json``."""
@@ -108,7 +122,7 @@ def from_hf_config(path: str | Path) -> QwenConfig:
     if path.is_dir():
         path = path / "config.json"
     hf = json.loads(path.read_text())
-    name = hf.get("_name_or_path") or path.parent.name
+    name = _model_name(hf, path)
     if hf.get("model_type") == "qwen":
         return QwenConfig(
             name=name,

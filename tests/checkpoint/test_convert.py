@@ -19,7 +19,9 @@ Weights are re-drawn (``hf_models.random_qwen2``) so that a misplaced norm or bi
 """
 import hashlib
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +133,7 @@ def test_iteration_zero_records_config_and_tokenizer(converted):
         "generation": "qwen2", "hidden_size": HIDDEN, "num_layers": shape["layers"],
         "num_attention_heads": shape["heads"], "num_query_groups": shape["kv_heads"], "ffn_hidden_size": FFN,
         "vocab_size": shape["vocab"], "rope_base": shape["rope_theta"], "tied_embeddings": False}
+    assert config["name"] == "Qwen2ForCausalLM (a_hf)"  # not the folder's bare name
     manifest = json.loads((iteration / "tokenizer" / "manifest.json").read_text())
     source = QWEN2_TOKENIZER_DIR / "tokenizer.json"
     assert manifest["vocab_file"] == "tokenizer.json"
@@ -235,6 +238,16 @@ def test_export_writes_safetensors_shards_with_an_index(converted):
         sizes += sum(t.numel() * t.element_size() for t in tensors.values())
     assert index["metadata"]["total_size"] == sizes
     assert len(index["weight_map"]) == len(read_safetensors_dir(out))
+
+
+def test_written_files_have_the_mode_the_process_umask_gives(converted):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for folder in ("b_out", "d_out", "b_mc"):  # sharded and single-file exports, and a converted checkpoint
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (converted.dir / folder).rglob("*")
+                 if path.is_file()}
+        assert any(name.startswith("model-") for name in modes) or folder == "b_mc"
+        assert modes and set(modes.values()) == {0o666 & ~umask}, (folder, modes)
 
 
 def run_verify(*args) -> subprocess.CompletedProcess:

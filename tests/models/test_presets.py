@@ -1,4 +1,4 @@
-"""Presets as plain data: reading published config.json files, embedding-row rules, SLURM hosts."""
+"""Presets as plain data: reading published config.json files (shapes and names), embedding-row rules, SLURM hosts."""
 import dataclasses
 import json
 
@@ -42,6 +42,19 @@ def test_transformers5_rope_parameters_give_the_rope_base(tmp_path):
     saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert from_hf_config(tmp_path).rope_base == 1e6
+
+
+@pytest.mark.parametrize("folder, recorded, name", [
+    ("Qwen2.5-7B-Instruct", {}, "Qwen2.5-7B-Instruct"),
+    ("hf", {}, "Qwen2ForCausalLM (hf)"),  # an export named after its format: the architecture says more
+    ("hub/models--Qwen--Qwen2.5-7B-Instruct/snapshots/a09a35458c702b33eeacc393d103063234e8bc28", {},
+     "Qwen2.5-7B-Instruct"),
+    ("hf", {"_name_or_path": "/scratch/models/Qwen2.5-7B-sft"}, "Qwen2.5-7B-sft"),
+])
+def test_a_read_model_is_named_after_its_folder_or_architecture(tmp_path, folder, recorded, name):
+    (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / folder / "config.json").write_text(json.dumps({**QWEN25_7B_CONFIG, **recorded}))
+    assert from_hf_config(tmp_path / folder).name == name
 
 
 def test_qwen_rows_are_kept_at_every_power_of_two_tp():
