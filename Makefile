@@ -1,4 +1,5 @@
 # One command sets up and runs the tests, one the CPU quickstart; each builds its own virtual environment.
+# `make` alone builds that environment: the package installed editable, with its `megatron-qwen` command in .venv/bin.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # torch is installed first and pinned to the CPU build on this project's machines: an unpinned torch

@@ -7,11 +7,12 @@
 #   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
 #                                             rank, world size and rendezvous come from SLURM's variables
 #   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
-# Extra flags override the recipe (examples/recipes/qwen_14b_sft.json; --recipe FILE replaces it), e.g.
+# Extra flags override the recipe (qwen_14b_sft, shipped in megatron_qwen/recipes/; --recipe FILE replaces it), e.g.
 # --train-steps 100 --rows pack, or --train-epochs 3 --warmup-fraction 0.1 to size the run by the data (the
 # start line gives it in updates and epochs), or --save-interval-minutes 60 to add saves by the clock.
-# Inputs (environment): DATA (the PREFIX tools/preprocess_chatml.py wrote), PRETRAINED (the output of
-# tools/convert_checkpoint.py hf-to-mcore), SAVE_DIR (checkpoints; a rerun resumes from the latest one there).
+# Inputs (environment): DATA (the PREFIX megatron-qwen preprocess wrote), PRETRAINED (the output of
+# megatron-qwen convert hf-to-mcore), SAVE_DIR (checkpoints; a rerun resumes from the latest one there),
+# MEGATRON_QWEN (the command, default: megatron-qwen on the PATH).
 #
 # Default layout on 8 GPUs: tensor parallel 4 with sequence parallelism, data parallel 2, distributed optimizer.
 # Memory per GPU (14.17B parameters, 3.54B per tensor-parallel rank):
@@ -49,12 +50,12 @@ cd "$REPO"
 DATA="${DATA:-data/sft_chatml}"
 PRETRAINED="${PRETRAINED:-checkpoints/qwen-14b-mcore}"
 SAVE_DIR="${SAVE_DIR:-checkpoints/qwen-14b-sft}"
-PYTHON="${PYTHON:-python}"
+MEGATRON_QWEN="${MEGATRON_QWEN:-megatron-qwen}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron's overlap of TP communication with compute expects it
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
-TRAIN=("$PYTHON" -m megatron_qwen.train
-  --recipe examples/recipes/qwen_14b_sft.json
+TRAIN=("$MEGATRON_QWEN" train
+  --recipe qwen_14b_sft
   --data-path "$DATA"
   --pretrained-checkpoint "$PRETRAINED"
   --save-dir "$SAVE_DIR"
@@ -102,7 +103,7 @@ else
   else
     nodes=(--standalone)
   fi
-  torchrun "${nodes[@]}" --nproc-per-node "${GPUS_PER_NODE:-gpu}" "${TRAIN[@]:1}" &
+  torchrun "${nodes[@]}" --nproc-per-node "${GPUS_PER_NODE:-gpu}" --no-python "${TRAIN[@]}" &
   launcher=$!
   wait_through_traps "$launcher" || exit $?
 fi

@@ -61,9 +61,14 @@ def setting(tmp_path_factory):
         "train_steps": 1000, "warmup_steps": 1, "lr": 1e-3, "dropout": 0.0, "eval_interval": 0, "log_interval": 1,
         "save_interval": 1000, "pad_token_id": VOCAB - 1,
     }))
+    # the checkout's command (this environment's megatron-qwen script may belong to another installation)
+    command = work / "megatron-qwen"
+    command.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" -m megatron_qwen "$@"\n')
+    command.chmod(0o755)
     env = {
         **worker_env(), "DATA": str(data / "plain"), "PRETRAINED": str(data / "start"), "SAVE_DIR": str(work / "save"),
-        "PYTHON": sys.executable, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "MEGATRON_QWEN": str(command),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
     }
     return env, recipe, work
 
