@@ -102,7 +102,7 @@ class Trainer:
         opt = config.optimizer
         self.scheduler = build_scheduler(
             self.optimizer, opt.lr, opt.min_lr, self.warmup_steps, self.train_steps, opt.lr_decay_style,
-            opt.weight_decay,
+            opt.weight_decay, opt.override_schedule,
         )
         self.iteration = 0
         rng_outcome = None
