@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import types
@@ -153,7 +154,13 @@ class TrainingSettings:
         AT_LEAST_1,
     )
     log_interval: int = setting(1, "updates between log lines", AT_LEAST_1)
-    tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
+    tensorboard_dir: Optional[str] = setting(
+        None, "TensorBoard event files and metrics.jsonl (default: SAVE_DIR/tensorboard)"
+    )
+    wandb_project: Optional[str] = setting(
+        None, "also log the figures and the settings to this Weights & Biases project (pip install wandb; "
+        "WANDB_MODE=offline keeps them in the metrics folder)"
+    )
 
 
 @dataclasses.dataclass
@@ -219,6 +226,10 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict:
+        """Every setting by its field name, as a recipe file holds them."""
+        return {field.name: getattr(getattr(self, section), field.name) for section, field, _ in _fields()}
+
 
 def _bounds_problem(field, value) -> str | None:
     """What is wrong with a setting's value by its field's ``Bounds`` (``None`` when unset or none)."""
@@ -240,6 +251,9 @@ def _problems(config: RunConfig):
     ), "preset"
     yield folder_problem(checkpoint.save_dir), "save_dir"
     yield folder_problem(training.tensorboard_dir), "tensorboard_dir"
+    yield training.wandb_project is not None and importlib.util.find_spec("wandb") is None and (
+        "needs the wandb package (pip install wandb)"
+    ), "wandb_project"
     yield parallel.sequence_parallel and parallel.tensor_parallel < 2 and (
         "needs --tensor-parallel above 1"
     ), "sequence_parallel"
