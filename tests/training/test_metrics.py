@@ -6,11 +6,11 @@ first records are dropped, so that each update has one. The numbers are made up 
 supervised-token-weighted mean of their parts, and each blended dataset's epochs get a TensorBoard tag of its name.
 """
 import dataclasses
-import datetime
 import importlib.util
 import json
 import re
 import struct
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -137,6 +137,8 @@ def wandb_records(run_file):
             position += block - position % block
             continue
         _, length, kind = struct.unpack_from("<IHB", data, position)
+        if position + 7 + length > len(data):  # being written
+            return
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
@@ -144,6 +146,18 @@ def wandb_records(run_file):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_wandb_records(run_file, patience_s=60.0):
+    """The records of a finished W&B run, once its writer (W&B's service process, which goes on after ``finish()``
+    returns) has written the run's ``exit`` record."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        records = list(wandb_records(run_file))
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after {patience_s} s"
+        time.sleep(0.1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
@@ -157,7 +171,7 @@ def test_wandb_offline_run_holds_the_figures_and_the_settings(tmp_path, monkeypa
     report.close()
     [run_file] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     logged, settings = {}, {}
-    for record in wandb_records(run_file):
+    for record in finished_wandb_records(run_file):
         if record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             logged.setdefault(items["_step"], {}).update(items)
