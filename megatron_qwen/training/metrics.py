@@ -101,7 +101,12 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(directory, purge_step=None if resumed_at is None else resumed_at + 1)
-        self.wandb = _wandb_run(config, directory) if writes and config.training.wandb_project else None
+        self.wandb, self.problem = None, None  # problem: why the W&B run did not start (Trainer stops every rank)
+        if writes and config.training.wandb_project:
+            try:
+                self.wandb = _wandb_run(config, directory)
+            except Exception as error:  # noqa: BLE001 - W&B's own errors (login, network) have no common base
+                self.problem = f"--wandb-project {config.training.wandb_project}: W&B did not start ({error})"
         self._interval = []
 
     def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:

@@ -131,6 +131,10 @@ class Trainer:
             self.model, config, world_size=world_size, writes=torch.distributed.get_rank() == 0,
             train_steps=self.train_steps, resumed_at=self.iteration if self.start.kind == "resume" else None,
         )
+        problems = [problem for problem in distributed.all_gathered(self.reporter.problem) if problem]
+        if problems:  # on every rank: one that went on alone would wait for the others at its first collective
+            self.reporter.close()
+            raise ValueError(problems[0])
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}"
             f"{f' ({rng_outcome})' if rng_outcome else ''}; model {self.model.name}; "

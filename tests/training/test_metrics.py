@@ -148,6 +148,16 @@ def wandb_records(run_file):
             yield record
 
 
+@pytest.fixture
+def fresh_wandb():
+    """W&B keeps the settings it read first in a process (the environment's mode among them) until torn down."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def finished_wandb_records(run_file, patience_s=60.0):
     """The records of a finished W&B run, once its writer (W&B's service process, which goes on after ``finish()``
     returns) has written the run's ``exit`` record."""
@@ -161,7 +171,7 @@ def finished_wandb_records(run_file, patience_s=60.0):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
-def test_wandb_offline_run_holds_the_figures_and_the_settings(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_figures_and_the_settings(tmp_path, monkeypatch, fresh_wandb):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     report = reporter(tmp_path, ["chat"], wandb_project="sft-test")
@@ -181,3 +191,13 @@ def test_wandb_offline_run_holds_the_figures_and_the_settings(tmp_path, monkeypa
     assert logged[2]["throughput/tokens_per_s_per_gpu"] == pytest.approx(200)
     assert settings["wandb_project"] == "sft-test" and settings["data_path"] == ["/data/chat"]
     assert settings["lr"] == RunConfig().optimizer.lr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
+def test_a_wandb_run_that_cannot_start_is_a_problem_named_by_the_flag(tmp_path, monkeypatch, fresh_wandb):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stored login either
+    report = reporter(tmp_path, ["chat"], wandb_project="sft-test")
+    report.close()
+    assert report.wandb is None and report.problem.startswith("--wandb-project sft-test: W&B did not start (")
