@@ -27,9 +27,14 @@ def stamped(text: str) -> str:
 class Phases:
     """The durations of consecutive phases (start-up's), each reported as it ends through ``report``."""
 
-    def __init__(self, report):
+    def __init__(self, report, since_process_start: bool = False):
+        """``since_process_start``: the first phase began when the process did (its imports), not now."""
         self.report = report
         self.last = time.perf_counter()
+        if since_process_start:
+            import psutil
+
+            self.last -= time.time() - psutil.Process().create_time()
 
     def end(self, name: str) -> None:
         """The phase ``name`` ended now (it began where the previous one ended)."""

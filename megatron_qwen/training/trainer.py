@@ -68,7 +68,8 @@ class Trainer:
         # take for a failure
         self.stop, self.owns_stop = (stop, False) if stop is not None else (StopRequest(), True)
         self.save_dir_lock = None
-        self.phases = Phases(_on_rank_0)
+        self.phases = Phases(_on_rank_0, since_process_start=True)
+        self.phases.end("process start to trainer (imports)")
         try:
             distributed.initialize(
                 tensor_parallel=parallel.tensor_parallel,

@@ -39,3 +39,11 @@ def test_phases_report_each_duration_as_it_ends():
     phases.end("model build")
     assert [re.sub(r"\d+\.\d s$", "S", line) for line in reported] == [
         "start-up: distributed init S", "start-up: model build S"]
+
+
+def test_the_first_phase_may_begin_with_the_process():
+    reported = []
+    Phases(reported.append, since_process_start=True).end("imports")
+    Phases(reported.append).end("nothing")
+    seconds = [float(re.search(r" ([\d.]+) s$", line).group(1)) for line in reported]
+    assert seconds[0] > 0.0 and seconds[1] == 0.0  # this process has run for a while (pytest's own start-up)

@@ -70,8 +70,8 @@ def test_a_finished_run_goes_on_to_more_updates_only_with_override_schedule(tmp_
     out = capsys.readouterr().out.splitlines()
     assert all(re.match(TIME, line) for line in out if not line.startswith(" "))
     phases = [re.sub(TIME, "", line) for line in out if "start-up: " in line]
-    assert [re.sub(r" [\d.]+ s$", "", phase) for phase in phases[:6]] == [
-        f"start-up: {name}" for name in ("distributed init", "checkpoint verify", "data check", "model build",
+    assert [re.sub(r" [\d.]+ s$", "", phase) for phase in phases[:7]] == [
+        f"start-up: {name}" for name in ("process start to trainer (imports)", "distributed init", "checkpoint verify", "data check", "model build",
                                          "optimizer build", "resume load")]
 
 
