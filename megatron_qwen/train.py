@@ -13,7 +13,6 @@ cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a 
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -64,16 +63,6 @@ def packaged_recipe(argv: list[str]) -> list[str]:
     return argv
 
 
-@contextlib.contextmanager
-def program_name(prog: str):
-    """argparse names the program in usage lines after ``sys.argv[0]``: the command as the user typed it."""
-    saved, sys.argv[0] = sys.argv[0], prog
-    try:
-        yield
-    finally:
-        sys.argv[0] = saved
-
-
 def main(argv: list[str] | None = None, prog: str = "megatron-qwen train") -> int:
     # Before anything else: torch and megatron-core take seconds to import, on every rank at once, and a preemption
     # signal meanwhile would kill a process that a requeueing launcher then takes for a failure. Recorded, it stops
@@ -83,8 +72,7 @@ def main(argv: list[str] | None = None, prog: str = "megatron-qwen train") -> in
     from megatron_qwen.config import parse_config
 
     try:
-        with program_name(prog):
-            config = parse_config(packaged_recipe(sys.argv[1:] if argv is None else argv))
+        config = parse_config(packaged_recipe(sys.argv[1:] if argv is None else argv), prog)
     except ValueError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

@@ -207,3 +207,62 @@ def test_micro_batches_per_update():
     config.training.global_batch_size = 12
     with pytest.raises(ValueError, match="--global-batch-size 12 is not a multiple of data-parallel size 4"):
         config.num_micro_batches(world_size=16)
+
+
+def test_megatron_spellings_set_our_settings():
+    megatron = parse_config(BASE + [
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--train-iters", "30",
+        "--lr-warmup-iters", "3", "--bf16", "--use-distributed-optimizer", "--recompute-granularity", "selective",
+        "--hidden-dropout", "0.0", "--attention-dropout", "0", "--save", "out", "--override-opt_param-scheduler",
+    ])
+    ours = parse_config(BASE + [
+        "--tensor-parallel", "2", "--pipeline-parallel", "2", "--train-steps", "30", "--warmup-steps", "3",
+        "--precision", "bf16", "--distributed-optimizer", "--recompute", "selective", "--dropout", "0",
+        "--save-dir", "out", "--override-schedule",
+    ])
+    assert megatron == ours and ours.model.dropout == 0.0 and ours.training.train_steps == 30
+    fraction = parse_config(BASE + ["--lr-warmup-fraction", "0.25"]).optimizer.warmup_fraction
+    assert fraction == 0.25
+
+
+def test_megatron_load_resumes_from_the_save_dir_or_starts_from_other_weights(tmp_path):
+    same = parse_config(BASE + ["--save", str(tmp_path / "run"), "--load", f"{tmp_path}/./run"]).checkpoint
+    assert (same.save_dir, same.pretrained_checkpoint) == (str(tmp_path / "run"), None)
+    other = parse_config(BASE + ["--save", str(tmp_path / "run"), "--load", "converted"]).checkpoint
+    assert other.pretrained_checkpoint == "converted"
+    with pytest.raises(ValueError, match=r"^--load converted: neither the save directory nor --pretrained-checkpoint"):
+        parse_config(BASE + ["--load", "converted", "--pretrained-checkpoint", "elsewhere"])
+
+
+def test_megatron_weighted_data_path_gives_prefixes_and_weights():
+    config = parse_config(["--preset", "tiny", "--data-path", "0.3", "data/chat", "0.7", "data/code"])
+    assert (config.data.data_path, config.data.data_weights) == (["data/chat", "data/code"], [0.3, 0.7])
+    with pytest.raises(ValueError, match=r"^--data-path: weighted .* and --data-weights given"):
+        parse_config(["--preset", "tiny", "--data-path", "1", "a", "--data-weights", "1"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--hidden-dropout", "0.1", "--attention-dropout", "0.2"],
+         r"^--attention-dropout 0.2 and --hidden-dropout 0.1: both set --dropout \(one dropout here"),
+        (["--tensor-parallel", "2", "--tensor-model-parallel-size", "4"],
+         r"^--tensor-model-parallel-size 4 and --tensor-parallel 2: both set --tensor-parallel$"),
+        (["--train-step", "4"], r"^--train-step: unknown flag; did you mean --train-steps\?$"),  # no abbreviations
+        (["--save", "a", "--save-d", "b"], r"^--save-d: unknown flag; did you mean --save-dir\?$"),
+        (["--tensor-model-paralel-size", "2"],
+         r"^--tensor-model-paralel-size: unknown flag; did you mean --tensor-model-parallel-size\?$"),
+        (["--lr", "1e-5", "2e-5"], r"^'2e-5': a value that no flag takes$"),
+    ],
+)
+def test_conflicting_aliases_abbreviations_and_unknown_flags_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(BASE + flags)
+
+
+def test_help_names_the_module_and_says_each_default_once():
+    text = build_parser().format_help()
+    assert text.startswith("usage: python -m megatron_qwen.train ")
+    flat = " ".join(text.split())
+    assert "default: by size (at least 0)" in flat and "default: read from the pretrained checkpoint --" in flat
+    assert "--hidden-dropout" in text and "--train-iters" in text

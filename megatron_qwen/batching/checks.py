@@ -22,9 +22,9 @@ from megatron_qwen.platform import distributed
 from megatron_qwen.batching.dataset import ConversationDataset
 
 # Where PREFIX_stats.json (written by tools/preprocess_chatml.py) keeps what this check reads: under
-# "provenance", the tokenizer's provenance (ChatTokenizer.provenance()) and the row length the dataset was cut for.
+# "provenance", the tokenizer's provenance (ChatTokenizer.provenance()). The row length the dataset was cut for
+# ("provenance", "seq_length") is not a reason to refuse it: its conversations' real lengths are in the index.
 TOKENIZER_SHA256_KEY = ("provenance", "tokenizer", "sha256")
-SEQ_LENGTH_KEY = ("provenance", "seq_length")
 
 
 class DatasetMismatchError(ValueError):
@@ -52,22 +52,24 @@ def check_dataset(
     """Raises ``DatasetMismatchError`` naming the stats or data file when ``dataset`` does not fit the run.
 
     ``tokenizer_sha256`` is the run's tokenizer (``None`` checks only that it is recorded); ``embedding_rows``
-    the model's vocabulary rows; ``seq_length`` the run's row length; ``values`` the smallest and largest value of
+    the model's vocabulary rows; ``seq_length`` the run's row length, which the longest conversation must fit
+    (whatever ``--seq-length`` the dataset was preprocessed with); ``values`` the smallest and largest value of
     each ``.bin`` (``scan``). Returns the recorded tokenizer sha256.
     """
     path = stats_path(dataset.prefix)
     stats = read_stats(dataset.prefix)
     recorded_sha = stats_value(stats, TOKENIZER_SHA256_KEY, path)
-    stats_seq_length = stats_value(stats, SEQ_LENGTH_KEY, path)
     if tokenizer_sha256 is not None and recorded_sha != tokenizer_sha256:
         raise DatasetMismatchError(
             f"{path}: tokenized with a different tokenizer (sha256 {recorded_sha}) than the run's "
             f"(sha256 {tokenizer_sha256}); re-run tools/preprocess_chatml.py with the model's tokenizer"
         )
-    if stats_seq_length > seq_length:
+    longest = int(dataset.lengths.argmax())
+    if dataset.num_positions(longest) > seq_length:
         raise DatasetMismatchError(
-            f"{path}: built for seq_length {stats_seq_length}, above the run's {seq_length}; "
-            f"conversations may not fit a row (rebuild with --seq-length {seq_length} or raise the run's)"
+            f"{text_prefix(dataset.prefix)}.idx: conversation {longest} has {dataset.lengths[longest]} tokens, more "
+            f"than a row of --seq-length {seq_length} positions holds (rebuild with --seq-length {seq_length} or "
+            "raise the run's)"
         )
     tokens, masks = f"{text_prefix(dataset.prefix)}.bin", f"{loss_mask_prefix(dataset.prefix)}.bin"
     min_id, max_id = values[tokens]

@@ -96,6 +96,7 @@ class BatchSource:
         splits = [split_conversations(len(dataset), data.valid_fraction, dataset.prefix) for dataset in training_sets]
         self.train_ids = [train for train, _ in splits]
         held_out = [(index, int(conversation)) for index, (_, valid) in enumerate(splits) for conversation in valid]
+        self.num_held_out = len(held_out)
         self.valid_items = validation_sample(held_out, training.eval_conversations)
         self.held_out_sets = _held_out_sets(self.valid_items, prefixes)
         self.valid_sets = dict(self.held_out_sets)

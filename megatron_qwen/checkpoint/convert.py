@@ -8,6 +8,8 @@ shard on export.
 
 Embedding rows: the megatron model may pad them (``models.build.padded_vocab_size``); import fills
 the padding with zeros, export drops it, so padding never reaches a Hugging Face checkpoint.
+
+Progress (``platform/log.Progress``): a bar on a terminal, a line every 10 s otherwise, tensor by tensor.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.models.build import build_model
 from megatron_qwen.models.presets import QwenConfig, from_hf_config
 from megatron_qwen.platform import distributed
+from megatron_qwen.platform.log import Progress
 
 LAYOUTS = {module.FORMAT: module for module in (hf_qwen1, hf_qwen2, hf_qwen3)}
 _PADDED = (EMBEDDING, OUTPUT_LAYER)
@@ -137,11 +140,14 @@ def _export_weights(iteration_dir: Path, cfg: QwenConfig, entries, writer: Safet
         model = empty_model(cfg, dtype, cpu=True)
         layout.load_model(model, iteration_dir)
         params = model.state_dict()
-        for name, tensor in from_megatron(entries, lambda megatron_name: _unpadded(params, megatron_name, cfg)):
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{iteration_dir}: {name} holds {(~torch.isfinite(tensor)).sum().item()} non-finite "
-                                 "values (NaN or Inf); a model that diverged or a damaged checkpoint is not exported")
-            writer.add(name, tensor)
+        with Progress("mcore-to-hf", "tensors written") as progress:
+            for name, tensor in from_megatron(entries, lambda megatron_name: _unpadded(params, megatron_name, cfg)):
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"{iteration_dir}: {name} holds {(~torch.isfinite(tensor)).sum().item()} "
+                                     "non-finite values (NaN or Inf); a model that diverged or a damaged checkpoint is "
+                                     "not exported")
+                writer.add(name, tensor)
+                progress.update()
         writer.finish()
     return dtype
 
@@ -179,20 +185,27 @@ def empty_model(cfg: QwenConfig, dtype: torch.dtype, cpu: bool | None = None, la
 def _fill(params: dict[str, torch.Tensor], tensors, vocab_size: int) -> None:
     """Copies each (megatron name, tensor) into the model; embedding padding rows become zero."""
     missing = {name for name, value in params.items() if isinstance(value, torch.Tensor)}
-    for name, tensor in tensors:
-        if name not in params:
-            raise KeyError(f"the megatron model has no parameter {name!r}")
-        target = params[name]
-        if name in _PADDED:
-            target[vocab_size:].zero_()
-            target = target[:vocab_size]
-        if target.shape != tensor.shape:
-            raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} does not match the "
-                             f"configuration's {tuple(target.shape)}")
-        target.copy_(tensor)
-        missing.discard(name)
+    with Progress("hf-to-mcore", "tensors read", total=len(missing)) as progress:
+        for name, tensor in tensors:
+            _copy_into(params, name, tensor, vocab_size)
+            missing.discard(name)
+            progress.update()
     if missing:
         raise ValueError(f"the mapping left megatron parameters unset: {sorted(missing)}")
+
+
+def _copy_into(params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, vocab_size: int) -> None:
+    """Copies ``tensor`` into the model's parameter ``name``; the embedding's padding rows become zero."""
+    if name not in params:
+        raise KeyError(f"the megatron model has no parameter {name!r}")
+    target = params[name]
+    if name in _PADDED:
+        target[vocab_size:].zero_()
+        target = target[:vocab_size]
+    if target.shape != tensor.shape:
+        raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} does not match the "
+                         f"configuration's {tuple(target.shape)}")
+    target.copy_(tensor)
 
 
 def _check_names(reader: HFCheckpointReader, cfg: QwenConfig, entries) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tqdm import tqdm
 
 from megatron_qwen.data.dataset_files import OutputError, StagedDataset, output_prefix
 from megatron_qwen.data.encode import BatchSummary, ConversationEncoder, EncodeSettings, Row
@@ -28,6 +27,7 @@ from megatron_qwen.data.sources import BATCH_BYTES, InputError, read_batches
 from megatron_qwen.data.stats import DatasetStats
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.data.writer import DatasetWriter, write_batch_file
+from megatron_qwen.platform.log import Progress
 
 ON_ERROR = ("fail", "skip")
 STATS_FORMAT = "megatron-qwen-sft-dataset/1"
@@ -80,7 +80,7 @@ def _write_staged(job: PreprocessJob, encoder: ConversationEncoder, staging: Sta
     writer = None
     try:
         with _encoded_batches(_BatchFileEncoder(encoder, staging.folder), job) as summaries, \
-                tqdm(disable=not job.progress or None, unit=" conv", dynamic_ncols=True) as bar:
+                Progress("preprocess", "conversations", enabled=job.progress) as progress:
             started = time.perf_counter()
             for number, summary in enumerate(summaries):
                 if writer is None:  # megatron-core is imported only once the workers are busy
@@ -92,9 +92,8 @@ def _write_staged(job: PreprocessJob, encoder: ConversationEncoder, staging: Sta
                     writer.add_rejects(summary.rejects)
                 writer.add(number, summary)
                 stats.add(summary)
-                bar.update(summary.rows)
-                bar.set_postfix_str(f"{stats.tokens / max(time.perf_counter() - started, 1e-9) / 1e6:.2f}M tok/s",
-                                    refresh=False)
+                progress.update(summary.rows,
+                                f"{stats.tokens / max(time.perf_counter() - started, 1e-9) / 1e6:.2f}M tok/s")
         if not stats.written:
             raise InputError(_nothing_written(job, stats))
         writer.finalize()

@@ -9,6 +9,10 @@ and the training loop calls ``step(1)`` after each update, so update ``k`` would
 the first update at lr 0 and the peak one update late. ``UpdateNumberedScheduler`` keeps megatron's counter
 and its checkpoint format unchanged (``num_steps`` = completed updates, restored by ``load_state_dict``) and
 only evaluates the schedule one step ahead, at ``num_steps + 1``, the number of the update about to run.
+
+A resume keeps the schedule the run started with (``KEPT_AT_RESUME``), unless it overrides it
+(``--override-schedule``, megatron's ``override_opt_param_scheduler``): the resumed run then takes only the count
+of updates done from the checkpoint and schedules the updates after it by its own settings.
 """
 from __future__ import annotations
 
@@ -38,8 +42,11 @@ class UpdateNumberedScheduler(OptimizerParamScheduler):
             self.num_steps = completed
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores the updates done; a schedule that differs from the saved one is refused with the settings that
-        differ (megatron's own check is a bare assertion)."""
+        """Restores the updates done; unless the schedule is overridden, one that differs from the saved one is
+        refused with the settings that differ (megatron's own check is a bare assertion)."""
+        if self.override_opt_param_scheduler:
+            super().load_state_dict(state)
+            return
         current = self.state_dict()
         differing = [
             f"{setting}: checkpoint {state.get(key)}, now {current[key]}"
@@ -49,7 +56,8 @@ class UpdateNumberedScheduler(OptimizerParamScheduler):
         if differing:
             raise ValueError(
                 f"the learning-rate schedule differs from the one the run started with ({'; '.join(differing)}); "
-                "resume with the run's settings, or start a new run from these weights with --pretrained-checkpoint"
+                "resume with the run's settings, schedule the updates after the checkpoint by the new ones with "
+                "--override-schedule, or start a new run from these weights with --pretrained-checkpoint"
             )
         super().load_state_dict(state)
 
@@ -62,8 +70,10 @@ def build_scheduler(
     train_steps: int,
     decay_style: str,
     weight_decay: float,
+    override: bool = False,
 ) -> UpdateNumberedScheduler:
-    """The schedule of a run of ``train_steps`` updates over ``optimizer``'s param groups."""
+    """The schedule of a run of ``train_steps`` updates over ``optimizer``'s param groups; ``override``: a resume
+    keeps these settings instead of requiring the saved ones."""
     if decay_style not in DECAY_STYLES:
         raise ValueError(f"lr decay style must be one of {DECAY_STYLES}, got {decay_style!r}")
     if not 0 <= warmup_steps < train_steps:
@@ -82,4 +92,5 @@ def build_scheduler(
         wd_incr_style="constant",
         # A resumed run keeps the schedule it started with; a changed recipe value is refused, not mixed in.
         use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=override,
     )

@@ -1,4 +1,11 @@
-"""What the trainer reports: one log line per interval, TensorBoard scalars and a JSON-lines record per update.
+"""What the trainer reports: one log line per interval, a JSON-lines record per update, TensorBoard scalars and,
+with ``--wandb-project``, the same scalars and the run's settings in Weights & Biases.
+
+What each figure is, wherever it appears: ``loss``, ``grad_norm``, ``lr`` are those of one update (metrics.jsonl's
+record, the scalars ``train/loss``, ``train/grad_norm``, ``train/lr`` at every update, and the log line when it
+covers one update); the log line of an interval of several updates gives their ``mean loss`` and the last update's
+gradient norm and learning rate. Throughput, FLOPs and memory are over the log interval (``throughput/...``,
+``memory/...``); validation losses are ``validation/loss[/NAME]`` (metrics.jsonl: ``validation_loss[/NAME]``).
 
 Throughput is per GPU (per process): tokens are the non-padding positions of the global batch, supervised
 tokens those with a loss. Model FLOPs come from ``training/flops.py`` (the one formula shared with the
@@ -17,6 +24,7 @@ import torch
 
 from megatron_qwen.batching.source import HELD_OUT, dataset_names
 from megatron_qwen.config import RunConfig
+from megatron_qwen.platform.log import stamped
 from megatron_qwen.training import flops
 
 
@@ -58,6 +66,16 @@ def output_dir(config: RunConfig) -> str | None:
     return config.training.tensorboard_dir or (f"{save_dir}/tensorboard" if save_dir else None)
 
 
+def _wandb_run(config: RunConfig, directory: str | None):
+    """A Weights & Biases run of ``--wandb-project`` holding the run's settings; its files go under ``directory``
+    (where the metrics go), else the working directory. ``WANDB_MODE=offline`` keeps them there."""
+    import wandb
+
+    save_dir = config.checkpoint.save_dir
+    return wandb.init(project=config.training.wandb_project, dir=directory, config=config.settings(),
+                      name=Path(save_dir).name if save_dir else None)
+
+
 class Reporter:
     def __init__(self, model, config: RunConfig, *, world_size: int, writes: bool, train_steps: int,
                  resumed_at: int | None):
@@ -83,6 +101,12 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(directory, purge_step=None if resumed_at is None else resumed_at + 1)
+        self.wandb, self.problem = None, None  # problem: why the W&B run did not start (Trainer stops every rank)
+        if writes and config.training.wandb_project:
+            try:
+                self.wandb = _wandb_run(config, directory)
+            except Exception as error:  # noqa: BLE001 - W&B's own errors (login, network) have no common base
+                self.problem = f"--wandb-project {config.training.wandb_project}: W&B did not start ({error})"
         self._interval = []
 
     def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:
@@ -93,47 +117,44 @@ class Reporter:
         if self.records is not None:
             self.records.write(json.dumps(record) + "\n")
             self.records.flush()
+        names = [""] if len(epochs) == 1 else [f"/{name}" for name in self.dataset_names]
+        self.scalars(iteration, {
+            **{f"train/{name}": record[name] for name in ("loss", "grad_norm", "lr", "skipped")},
+            **{f"train/epoch{name}": epoch for name, epoch in zip(names, epochs)},
+            **{f"batch/{name}": record[name] for name in ("conversations", "rows", "tokens", "supervised_tokens")},
+        })
         if iteration % self.log_interval == 0:
             self._line(iteration)
             self._interval = []
 
     def _line(self, iteration: int) -> None:
-        records = self._interval
+        records, last = self._interval, self._interval[-1]
         seconds = sum(record["seconds"] for record in records)
-        tokens = sum(record["tokens"] for record in records)
         per_gpu = lambda count: count / seconds / self.world_size  # noqa: E731
+        total = lambda name: sum(record[name] for record in records)  # noqa: E731
         step_flops = sum(flops.step_flops(self.model, self.seq_length, record["tokens"]) for record in records)
-        values = {
-            "loss": sum(record["loss"] for record in records) / len(records),
-            "lr": records[-1]["lr"],
-            "grad_norm": records[-1]["grad_norm"],
-            "skipped": sum(record["skipped"] for record in records),
-            "nan": sum(not math.isfinite(record["loss"]) for record in records),
-            "tokens_per_s_per_gpu": per_gpu(tokens),
-            "supervised_tokens_per_s_per_gpu": per_gpu(sum(record["supervised_tokens"] for record in records)),
-            "conversations_per_step": records[-1]["conversations"],
-            "rows_per_step": records[-1]["rows"],
-            "supervised_tokens_per_step": records[-1]["supervised_tokens"],
-            "tflops_per_gpu": per_gpu(step_flops) / 1e12,
-            "mfu": flops.mfu(step_flops, seconds, self.world_size),
-            "peak_memory_gib": peak_memory_gib(),
+        interval = {
+            "throughput/tokens_per_s_per_gpu": per_gpu(total("tokens")),
+            "throughput/supervised_tokens_per_s_per_gpu": per_gpu(total("supervised_tokens")),
+            "throughput/tflops_per_gpu": per_gpu(step_flops) / 1e12,
+            "throughput/mfu": flops.mfu(step_flops, seconds, self.world_size),
+            "memory/peak_gib": peak_memory_gib(),
         }
-        epochs = records[-1]["epochs"]
-        names = [""] if len(epochs) == 1 else [f"/{name}" for name in self.dataset_names]
-        values.update({f"epoch{name}": epoch for name, epoch in zip(names, epochs)})
+        loss = total("loss") / len(records)
         self.print(
-            f"iteration {iteration} | epoch {'/'.join(f'{epoch:.3f}' for epoch in epochs)} | "
-            f"loss {values['loss']:.6f} | lr {values['lr']:.4e} | "
-            f"grad norm {values['grad_norm']:.4f} | skipped {values['skipped']} | nan {values['nan']} | "
-            f"conversations {values['conversations_per_step']} | rows {values['rows_per_step']} | "
-            f"supervised tokens {values['supervised_tokens_per_step']} | "
-            f"tokens/s/GPU {values['tokens_per_s_per_gpu']:.1f} | "
-            f"supervised tokens/s/GPU {values['supervised_tokens_per_s_per_gpu']:.1f} | "
-            f"TFLOP/s/GPU {values['tflops_per_gpu']:.3f} | MFU {100 * values['mfu']:.2f}% | "
-            f"peak memory {values['peak_memory_gib']:.2f} GiB | "
+            f"iteration {iteration} | epoch {'/'.join(f'{epoch:.3f}' for epoch in last['epochs'])} | "
+            f"{'loss' if len(records) == 1 else 'mean loss'} {loss:.6f} | lr {last['lr']:.4e} | "
+            f"grad norm {last['grad_norm']:.4f} | skipped {total('skipped')} | "
+            f"nan {sum(not math.isfinite(record['loss']) for record in records)} | "
+            f"conversations {last['conversations']} | rows {last['rows']} | "
+            f"supervised tokens {last['supervised_tokens']} | "
+            f"tokens/s/GPU {interval['throughput/tokens_per_s_per_gpu']:.1f} | "
+            f"supervised tokens/s/GPU {interval['throughput/supervised_tokens_per_s_per_gpu']:.1f} | "
+            f"TFLOP/s/GPU {interval['throughput/tflops_per_gpu']:.3f} | MFU {100 * interval['throughput/mfu']:.2f}% | "
+            f"peak memory {interval['memory/peak_gib']:.2f} GiB | "
             f"remaining {_duration((self.train_steps - iteration) * seconds / len(records))}"
         )
-        self.scalars(iteration, values)
+        self.scalars(iteration, interval)
 
     def validation(self, iteration: int, results: dict[str, tuple[float, int]], held_out_names) -> None:
         """One record of the losses of every validation set (``results``: name -> (loss, supervised tokens)):
@@ -153,20 +174,27 @@ class Reporter:
         if self.records is not None:
             self.records.write(json.dumps({"iteration": iteration, **values}) + "\n")
             self.records.flush()
-        self.scalars(iteration, values)
+        self.scalars(iteration, {name.replace("validation_loss", "validation/loss", 1): value
+                                 for name, value in values.items()})
 
     def scalars(self, iteration: int, values: dict) -> None:
+        """``values`` (grouped tag -> number) to TensorBoard and W&B, at step ``iteration``."""
         if self.tensorboard is not None:
             for name, value in values.items():
-                self.tensorboard.add_scalar(name, value, iteration)
+                self.tensorboard.add_scalar(name, float(value), iteration)
             self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=iteration)
 
     def print(self, text: str) -> None:
         if self.writes:
-            print(text, flush=True)
+            print(stamped(text), flush=True)
 
     def close(self) -> None:
         if self.records is not None:
             self.records.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

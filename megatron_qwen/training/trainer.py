@@ -27,12 +27,21 @@ from megatron_qwen.models.chunks import build_chunks, fusions_in_use, kernel_fus
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.platform import distributed, faults
 from megatron_qwen.platform.fallbacks import fallback_note
-from megatron_qwen.training import checkpointing, save_dir_lock
+from megatron_qwen.platform.log import Phases, stamped
+from megatron_qwen.training import checkpointing, run_config, save_dir_lock
 from megatron_qwen.training.interrupts import SaveClock, StopRequest
 from megatron_qwen.training.lr_schedule import build_scheduler
-from megatron_qwen.training.metrics import Reporter
+from megatron_qwen.training.metrics import Reporter, output_dir
 from megatron_qwen.training.optimizer import build_optimizer, wrap_ddp
 from megatron_qwen.training.step import train_step, validation_loss
+
+
+FEWEST_HELD_OUT = 10  # held-out conversations below which a validation loss gets a warning
+
+
+def _on_rank_0(text: str) -> None:
+    if distributed.rank_and_size()[0] == 0:
+        print(stamped(text), flush=True)
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,6 +69,8 @@ class Trainer:
         # take for a failure
         self.stop, self.owns_stop = (stop, False) if stop is not None else (StopRequest(), True)
         self.save_dir_lock = None
+        self.phases = Phases(_on_rank_0, since_process_start=True)
+        self.phases.end("process start to trainer (imports)")
         try:
             distributed.initialize(
                 tensor_parallel=parallel.tensor_parallel,
@@ -70,6 +81,7 @@ class Trainer:
             )
             # before anything reads the save directory (training/save_dir_lock.py)
             self.save_dir_lock = save_dir_lock.take(config.checkpoint.save_dir)
+            self.phases.end("distributed init")
             self._set_up()
         except BaseException:
             self._release()
@@ -83,6 +95,7 @@ class Trainer:
         num_micro_batches = config.num_micro_batches(world_size)
         self.start = checkpointing.start_point(config.checkpoint.save_dir, config.checkpoint.pretrained_checkpoint)
         unverified = checkpointing.verify(self.start, config.checkpoint.skip_verify)
+        self.phases.end("checkpoint verify")
         preset = PRESETS[config.model.preset] if config.model.preset else None
         self.model = checkpointing.model_config(self.start, preset)
         config.check_model(self.model)
@@ -93,28 +106,37 @@ class Trainer:
         unverified_data = self.batches.check(self.tokenizer.sha256, self.model.vocab_size)
         self.run_record = checkpointing.RunRecord(self.model, self.tokenizer, self.batches.chat_settings())
         self.train_steps, self.warmup_steps = self.run_length()
+        self.phases.end("data check")
         fused, fusions_reason = kernel_fusions(config.model.kernel_fusions)
         self.chunks = wrap_ddp(build_chunks(self.model, config.model, parallel, fused), parallel.distributed_optimizer)
+        self.phases.end("model build")
         if self.start.kind == "pretrained":
             checkpointing.load_pretrained(self.chunks, self.start)
+            self.phases.end("pretrained weights load")
         self.optimizer = build_optimizer(
             self.chunks, config.optimizer, config.model.precision, parallel.distributed_optimizer
         )
         opt = config.optimizer
         self.scheduler = build_scheduler(
             self.optimizer, opt.lr, opt.min_lr, self.warmup_steps, self.train_steps, opt.lr_decay_style,
-            opt.weight_decay,
+            opt.weight_decay, opt.override_schedule,
         )
+        self.phases.end("optimizer build")
         self.iteration = 0
         rng_outcome = None
         if self.start.kind == "resume":
             state, rng_outcome = checkpointing.load_resume(self.chunks, self.optimizer, self.start,
                                                            self.parallel_layout())
             self.restore(state)
+            self.phases.end("resume load")
         self.reporter = Reporter(
             self.model, config, world_size=world_size, writes=torch.distributed.get_rank() == 0,
             train_steps=self.train_steps, resumed_at=self.iteration if self.start.kind == "resume" else None,
         )
+        problems = [problem for problem in distributed.all_gathered(self.reporter.problem) if problem]
+        if problems:  # on every rank: one that went on alone would wait for the others at its first collective
+            self.reporter.close()
+            raise ValueError(problems[0])
         self.reporter.print(
             f"start: {self.start.describe()} at iteration {self.iteration}"
             f"{f' ({rng_outcome})' if rng_outcome else ''}; model {self.model.name}; "
@@ -124,8 +146,11 @@ class Trainer:
             f"{fallback_note()}; "
             f"{self.length_plan()}; "
             f"{self.validation_plan()}"
+            f"{'' if config.checkpoint.save_dir else f'; no --save-dir: no checkpoints{self.metrics_plan()}'}"
         )
-        for warning in filter(None, [unverified, *unverified_data, *self.batches.rendering_warnings()]):
+        record = self.write_run_config()
+        warnings = [unverified, *unverified_data, *self.batches.rendering_warnings(), self.held_out_warning(), record]
+        for warning in filter(None, warnings):
             self.reporter.print(f"warning: {warning}")
         if self.save_dir_lock is not None and self.save_dir_lock.taken_over:
             self.reporter.print(f"warning: {self.save_dir_lock.taken_over}")
@@ -200,6 +225,30 @@ class Trainer:
         return f"validation every {interval} updates on " + ", ".join(
             f"{len(items)} conversations of {name}" for name, items in sets.items()
         )
+
+    def metrics_plan(self) -> str:
+        """For a run without a save directory, where its metrics go (the start line)."""
+        directory = output_dir(self.config)
+        return f", metrics in {directory}" if directory else ", no metrics files (--tensorboard-dir)"
+
+    def held_out_warning(self) -> str | None:
+        """A validation loss on a handful of held-out conversations is noise that looks like a measurement."""
+        held_out, data = self.batches.num_held_out, self.config.data
+        if not data.valid_fraction or not self.config.training.eval_interval or held_out >= FEWEST_HELD_OUT:
+            return None
+        return (f"--valid-fraction {data.valid_fraction} holds out {held_out} of "
+                f"{held_out + self.batches.num_train_conversations()} conversations: a validation loss on fewer than "
+                f"{FEWEST_HELD_OUT} is noise (raise it, or validate on --valid-data-path sets with --valid-fraction 0)")
+
+    def write_run_config(self) -> str | None:
+        """``SAVE_DIR/run_config.json`` (rank 0; ``training/run_config.py``); a warning when an earlier one was
+        unreadable."""
+        save_dir = self.config.checkpoint.save_dir
+        if not save_dir or torch.distributed.get_rank() != 0:
+            return None
+        record = run_config.start_record(self.config, self.start.describe(), self.iteration,
+                                         torch.distributed.get_world_size())
+        return run_config.write(save_dir, record)
 
     def parallel_layout(self) -> dict:
         parallel = self.config.parallel

@@ -45,6 +45,16 @@ def test_the_stats_record_the_sha256_of_each_file(tmp_path):
     assert check(prefix) == []
 
 
+def test_the_run_needs_rows_for_the_longest_conversation_whatever_the_dataset_was_built_for(tmp_path):
+    # built with --seq-length 512, its longest conversation 5 tokens: 4 positions (the last token is only a label)
+    prefix = trainer_common.write_dataset(tmp_path / "short", CONVERSATIONS, SHA, seq_length=512)
+    for seq_length in (4, 16):
+        assert batch_source([prefix], seq_length=seq_length, pad_token_id=0).check(SHA, 100) == []
+    with pytest.raises(DatasetMismatchError, match=rf"^{prefix}_text_document.idx: conversation 2 has 5 tokens, more "
+                                                   r"than a row of --seq-length 3 positions holds"):
+        batch_source([prefix], seq_length=3, pad_token_id=0).check(SHA, 100)
+
+
 def test_a_negative_token_id_is_refused(tmp_path):
     prefix = write(tmp_path, "negative", [([5, -3, 7], [0, 1, 1]), *CONVERSATIONS])
     with pytest.raises(DatasetMismatchError, match=rf"^{prefix}_text_document.bin: negative token id -3; "):

