@@ -7,8 +7,8 @@ Prints the largest absolute difference of the logits and of the per-token loss o
 exits 1 when either is above the tolerance (float32: 1e-3 and 1e-3; bfloat16: 0.5 and 0.25; override
 with --logits-tolerance / --loss-tolerance). Both models run in --dtype (default float32, whatever
 dtype the weights were saved in: the decisive check; bfloat16 is coarse). The prompts are three
-ChatML conversations tokenized with the checkpoint's tokenizer, or the id lists of --token-ids (a
-JSON list of lists). --layer-impl te checks megatron-core's Transformer Engine spec (the default when
+ChatML conversations tokenized with the checkpoint's tokenizer (random ids of the same lengths for a model whose
+embedding rows cannot hold the tokenizer's ids), or the id lists of --token-ids (a JSON list of lists). --layer-impl te checks megatron-core's Transformer Engine spec (the default when
 Transformer Engine imports and a GPU is visible).
 
 Mixtures of experts also take --ep (expert-parallel size) and --etp (tensor-parallel size inside each expert;
@@ -79,14 +79,19 @@ def run(args: argparse.Namespace) -> int:
     from megatron_qwen.platform import distributed
 
     iteration_dir = layout.resolve_iteration(args.mcore_dir, args.iteration)
-    for problem, flag in expert_parallel_problems(layout.load_config(iteration_dir), args.tp, args.ep, args.etp):
+    saved = layout.load_config(iteration_dir)
+    for problem, flag in expert_parallel_problems(saved, args.tp, args.ep, args.etp):
         if problem:
             raise ValueError(f"--{'etp' if flag == 'expert_tensor_parallel' else 'ep'}: {problem}")
     dtype = DTYPES[args.dtype]
     standard = verify.TOLERANCES[dtype]
     tolerance = verify.Tolerance(logits=args.logits_tolerance or standard.logits,
                                  loss=args.loss_tolerance or standard.loss)
-    prompts = _read_token_ids(args.token_ids) if args.token_ids else verify.default_prompts(iteration_dir)
+    if args.token_ids:
+        prompts, source = _read_token_ids(args.token_ids), f"the token ids of {args.token_ids}"
+        _check_ids(args.token_ids, prompts, saved.vocab_size)
+    else:
+        prompts, source = verify.default_prompts(iteration_dir, saved.vocab_size)
     layer_impl = args.layer_impl or default_layer_impl()
     distributed.initialize(tensor_parallel=args.tp, pipeline_parallel=args.pp, expert_parallel=args.ep,
                            expert_tensor_parallel=args.etp)
@@ -95,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
         if unverified and torch.distributed.get_rank() == 0:
             print(f"warning: {unverified}", file=sys.stderr)
         cfg, model = verify.load_megatron(iteration_dir, dtype, layer_impl)
-        _check_ids(prompts, cfg.vocab_size)
         megatron = [verify.megatron_logits(model, cfg, ids) for ids in prompts]
         passed = True
         if verify.holds_output():
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             reference = verify.load_transformers(args.hf_dir, dtype)
             differences = [verify.difference(verify.transformers_logits(reference, ids), logits, ids)
                            for ids, logits in zip(prompts, megatron)]
-            passed = _report(args, cfg, dtype, layer_impl, differences, tolerance)
+            passed = _report(args, cfg, dtype, layer_impl, differences, tolerance, source)
         return 0 if _all_ranks_agree(passed) else 1
     finally:
         distributed.destroy()
@@ -117,14 +121,13 @@ def _read_token_ids(path: str) -> list[list[int]]:
     return prompts
 
 
-def _check_ids(prompts: list[list[int]], vocab_size: int) -> None:
+def _check_ids(path: str, prompts: list[list[int]], vocab_size: int) -> None:
     largest = max(max(ids) for ids in prompts)
     if largest >= vocab_size:
-        raise SystemExit(f"token id {largest} is outside the model's {vocab_size} embedding rows; "
-                         f"pass prompts that fit with --token-ids")
+        raise SystemExit(f"--token-ids {path}: token id {largest} is outside the model's {vocab_size} embedding rows")
 
 
-def _report(args, cfg, dtype, layer_impl, differences, tolerance) -> bool:
+def _report(args, cfg, dtype, layer_impl, differences, tolerance, source) -> bool:
     worst_logits = max(d.logits for d in differences)
     worst_loss = max(d.loss for d in differences)
     tokens = sum(d.tokens for d in differences)
@@ -132,6 +135,7 @@ def _report(args, cfg, dtype, layer_impl, differences, tolerance) -> bool:
     experts = f" EP={args.ep} expert-TP={args.etp or args.tp}" if cfg.is_moe else ""
     print(f"verify_conversion: {len(differences)} prompts, {tokens} tokens, TP={args.tp} PP={args.pp}{experts}, "
           f"dtype={str(dtype).removeprefix('torch.')}, layer_impl={layer_impl}")
+    print(f"  prompts: {source}")
     print(f"  max |logits difference|         {worst_logits:.3e}  (tolerance {tolerance.logits:.0e})")
     print(f"  max |per-token loss difference| {worst_loss:.3e}  (tolerance {tolerance.loss:.0e})")
     print("  PASS" if passed else "  FAIL: the megatron-core checkpoint does not reproduce the Hugging Face model")

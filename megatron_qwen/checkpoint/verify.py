@@ -66,10 +66,17 @@ class Difference:
         return self.logits <= tolerance.logits and self.loss <= tolerance.loss
 
 
-def default_prompts(iteration_dir: str | Path) -> list[list[int]]:
-    """The default conversations in ChatML, tokenized with the checkpoint's own tokenizer."""
+def default_prompts(iteration_dir: str | Path, vocab_size: int) -> tuple[list[list[int]], str]:
+    """The default conversations in ChatML, tokenized with the checkpoint's own tokenizer, and what they are. A
+    model whose ``vocab_size`` embedding rows cannot hold the tokenizer's ids (a small test model) gets token ids
+    drawn at random below ``vocab_size`` instead (seeded, of the same lengths)."""
     renderer = ChatMLRenderer(load_tokenizer(str(layout.tokenizer_dir(iteration_dir))))
-    return [renderer.render(with_system_prompt(list(conversation)))[0] for conversation in DEFAULT_CONVERSATIONS]
+    prompts = [renderer.render(with_system_prompt(list(conversation)))[0] for conversation in DEFAULT_CONVERSATIONS]
+    if max(max(ids) for ids in prompts) < vocab_size:
+        return prompts, "ChatML conversations"
+    draw = torch.Generator().manual_seed(0)
+    random = [torch.randint(vocab_size, (len(ids),), generator=draw).tolist() for ids in prompts]
+    return random, f"random token ids (the tokenizer's ids do not fit the model's {vocab_size} embedding rows)"
 
 
 def load_megatron(

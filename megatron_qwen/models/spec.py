@@ -42,10 +42,11 @@ def local_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=qk_layernorm
     )
-    if num_experts:  # named as TE's MoE layer names it (module docstring)
-        del spec.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."]
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if num_experts:  # a module of its own, named as TE's MoE layer names it (module docstring)
+        del spec.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."]
+        spec.submodules.pre_mlp_layernorm = StandaloneRMSNorm
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = SDPAttention
     if qk_layernorm:
