@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -63,6 +64,22 @@ def redrawn(model):
             else:
                 param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
     return model
+
+
+def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_tensors(source_dir: Path, exported_dir: Path) -> None:
+    """The safetensors of both folders: the same names, dtypes and values, bit for bit."""
+    source, exported = read_safetensors_dir(source_dir), read_safetensors_dir(exported_dir)
+    assert sorted(exported) == sorted(source)
+    for tensor_name, tensor in source.items():
+        assert exported[tensor_name].dtype == tensor.dtype
+        assert torch.equal(exported[tensor_name], tensor), tensor_name
 
 
 def copy_tokenizer(out: Path) -> None:

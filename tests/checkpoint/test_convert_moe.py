@@ -19,22 +19,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from workers import REPO, run_python, run_torchrun, worker_env
-from hf_models import EXPERT_FFN, EXPERTS, copy_tokenizer, random_moe
+from hf_models import EXPERT_FFN, EXPERTS, assert_same_tensors, copy_tokenizer, random_moe, read_safetensors_dir
 
 pytestmark = pytest.mark.slow  # conversion tools run in worker processes, verification under torchrun
 
 PROMPTS = [[3, 17, 250, 9, 42, 7, 199, 1, 64, 128, 5], [5, 120, 33, 299, 2]]
-
-
-def read_safetensors_dir(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +62,7 @@ def test_transformers_save_pretrained_writes_the_published_per_expert_names(conv
 
 @pytest.mark.parametrize("name", ["q2", "q3"])
 def test_round_trip_reproduces_every_tensor(converted, name):
-    source = read_safetensors_dir(converted.dir / f"{name}_hf")
-    exported = read_safetensors_dir(converted.dir / f"{name}_out")
-    assert sorted(exported) == sorted(source)
-    for tensor_name, tensor in source.items():
-        assert exported[tensor_name].dtype == tensor.dtype
-        assert torch.equal(exported[tensor_name], tensor), tensor_name
+    assert_same_tensors(converted.dir / f"{name}_hf", converted.dir / f"{name}_out")
 
 
 def test_fused_experts_are_read_and_exported_under_the_per_expert_names(converted):
