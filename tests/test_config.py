@@ -179,6 +179,32 @@ def test_a_run_that_does_not_fit_the_model_names_the_flag(flags, message):
         config.check_model(PRESETS["tiny"])
 
 
+@pytest.mark.parametrize(
+    "preset,flags,message",
+    [
+        ("tiny", ["--expert-parallel", "2"], r"--expert-parallel: tiny has no experts"),
+        ("tiny-moe", ["--expert-parallel", "3"], r"--expert-parallel: tiny-moe's 8 experts do not split evenly over 3"),
+        ("tiny-moe", ["--expert-tensor-parallel", "3"],
+         r"--expert-tensor-parallel: tiny-moe's experts' FFN of 32 does not split evenly over 3 ranks"),
+        ("tiny-moe", ["--tensor-parallel", "2"], r"--sequence-parallel: megatron-core trains mixture-of-experts"),
+    ],
+)
+def test_an_expert_layout_that_does_not_fit_the_model_names_the_flag(preset, flags, message):
+    config = parse_config(BASE + flags)
+    with pytest.raises(ValueError, match=message):
+        config.check_model(PRESETS[preset])
+
+
+def test_expert_parallel_world_sizes():
+    config = parse_config(BASE + ["--tensor-parallel", "2", "--sequence-parallel", "--expert-parallel", "2"])
+    config.check_model(PRESETS["tiny-moe"])
+    assert config.data_parallel_size(4) == 2  # expert-TP defaults to TP: 2 x EP 2 fills 4 ranks
+    with pytest.raises(ValueError, match=r"--expert-parallel 2: world size 2 is not a multiple of expert-TP x EP"):
+        config.data_parallel_size(2)
+    config.parallel.expert_tensor_parallel = 1
+    assert config.data_parallel_size(2) == 1
+
+
 def test_a_run_that_fits_the_model_passes():
     parse_config(BASE + ["--seq-length", "2048", "--pipeline-parallel", "2", "--tensor-parallel", "2"]).check_model(
         PRESETS["tiny"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen3, layout, manifest
+from megatron_qwen.checkpoint import hf_chat, hf_qwen1, hf_qwen2, hf_qwen2_moe, hf_qwen3, hf_qwen3_moe, layout, manifest
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader, SafetensorsShardWriter
 from megatron_qwen.checkpoint.mapping import EMBEDDING, OUTPUT_LAYER, from_megatron, ignorable, to_megatron
 from megatron_qwen.data.chatml import DEFAULT_SYSTEM_PROMPT
@@ -31,12 +31,12 @@ from megatron_qwen.models.presets import QwenConfig, from_hf_config
 from megatron_qwen.platform import distributed
 from megatron_qwen.platform.log import Progress
 
-LAYOUTS = {module.FORMAT: module for module in (hf_qwen1, hf_qwen2, hf_qwen3)}
+LAYOUTS = {module.FORMAT: module for module in (hf_qwen1, hf_qwen2, hf_qwen3, hf_qwen2_moe, hf_qwen3_moe)}
 _PADDED = (EMBEDDING, OUTPUT_LAYER)
 
 
 def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Converts a Hugging Face checkpoint (any of the three generations) into iteration 0 of ``mcore_dir``."""
+    """Converts a Hugging Face checkpoint (any of the five layouts) into iteration 0 of ``mcore_dir``."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -45,6 +45,8 @@ def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, tokenizer_dir: str | 
         raise FileExistsError(f"--mcore-dir {mcore_dir} already holds a checkpoint; choose a new directory")
     cfg = from_hf_config(config_path)
     reader = HFCheckpointReader(hf_dir)
+    if cfg.is_moe:
+        reader = hf_qwen2_moe.PerExpertNames(reader, cfg)
     entries = list(LAYOUTS[cfg.generation].entries(cfg))
     _check_names(reader, cfg, entries)
     tokenizer = load_tokenizer(str(tokenizer_dir or hf_dir))
@@ -129,8 +131,8 @@ def _the_one(values: list[str], iteration_dir: Path, what: str, option: str) -> 
 
 
 def default_format(cfg: QwenConfig) -> str:
-    """The layout ``transformers`` loads without remote code: Qwen3's for Qwen3, Qwen2's for the other two."""
-    return hf_qwen3.FORMAT if cfg.generation == hf_qwen3.FORMAT else hf_qwen2.FORMAT
+    """The layout ``transformers`` loads without remote code: the model's own, Qwen2's for the first generation."""
+    return hf_qwen2.FORMAT if cfg.generation == hf_qwen1.FORMAT else cfg.generation
 
 
 def _export_weights(iteration_dir: Path, cfg: QwenConfig, entries, writer: SafetensorsShardWriter) -> torch.dtype:
@@ -208,7 +210,7 @@ def _copy_into(params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor,
     target.copy_(tensor)
 
 
-def _check_names(reader: HFCheckpointReader, cfg: QwenConfig, entries) -> None:
+def _check_names(reader: HFCheckpointReader | hf_qwen2_moe.PerExpertNames, cfg: QwenConfig, entries) -> None:
     """Fails before any work when the checkpoint lacks a tensor of its layout or has a foreign one."""
     needed = {name for entry in entries for name in entry.hf}
     present = set(reader.names())

@@ -65,6 +65,17 @@ class HFCheckpointReader:
         handle = self._open(path)
         return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
 
+    def read_index(self, name: str, index: int) -> torch.Tensor:
+        """``read(name)[index]``, reading only that part: a slice of a safetensors file (a ``.bin`` file is
+        memory-mapped, so the rest stays on disk there too)."""
+        if name not in self._file_of:
+            raise KeyError(f"{self.dir}: the checkpoint has no tensor {name!r}")
+        path = self._file_of[name]
+        handle = self._open(path)
+        if path.suffix == ".safetensors":
+            return handle.get_slice(name)[index]
+        return handle[name][index].clone()
+
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor, read from the file header (safetensors) or the mapping."""
         name = next(iter(self._file_of))

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import fused
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, gate_up, model_entries, rename, require_attention
+from megatron_qwen.checkpoint.mapping import (Entry, MegatronLayer, gate_up, model_entries, rename, require_attention,
+                                              require_experts)
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen"
@@ -23,6 +24,7 @@ FORMAT = "qwen"
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
     require_attention(cfg, qk_norm=False, layout="the first-generation layout", use_instead="qwen3")
+    require_experts(cfg, moe=False, layout="the first-generation layout")
     if cfg.num_query_groups != cfg.num_attention_heads:
         raise ValueError(
             f"the first-generation layout has one key/value head per query head; {cfg.name} has "

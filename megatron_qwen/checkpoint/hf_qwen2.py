@@ -15,7 +15,8 @@ import torch
 
 from megatron_qwen.checkpoint import fused
 from megatron_qwen.checkpoint.hf_chat import ENDOFTEXT_ID, IM_END_ID
-from megatron_qwen.checkpoint.mapping import Entry, MegatronLayer, gate_up, model_entries, rename, require_attention
+from megatron_qwen.checkpoint.mapping import (Entry, MegatronLayer, gate_up, model_entries, rename, require_attention,
+                                              require_experts)
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen2"
@@ -24,12 +25,19 @@ FORMAT = "qwen2"
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
     require_attention(cfg, qk_norm=False, layout="Qwen2ForCausalLM", use_instead="qwen3")
+    require_experts(cfg, moe=False, layout="Qwen2ForCausalLM")
     yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", layer_entries)
 
 
 def layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
     """One decoder layer's entries in the ``model.layers.N`` names, with the QKV bias if ``cfg`` has one and
     the query/key norms if it has them."""
+    yield from attention_entries(cfg, index)
+    yield from dense_mlp_entries(index)
+
+
+def attention_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
+    """A layer's entries up to its MLP: the norms before attention and before the MLP, and the attention."""
     hf = f"model.layers.{index}."
     layer = MegatronLayer(index)
     yield rename(layer.input_norm, hf + "input_layernorm.weight")
@@ -46,6 +54,10 @@ def layer_entries(cfg: QwenConfig, index: int) -> Iterator[Entry]:
         yield rename(layer.k_norm, hf + "self_attn.k_norm.weight")
     yield rename(layer.attention_out, hf + "self_attn.o_proj.weight")
     yield rename(layer.mlp_norm, hf + "post_attention_layernorm.weight")
+
+
+def dense_mlp_entries(index: int) -> Iterator[Entry]:
+    hf, layer = f"model.layers.{index}.", MegatronLayer(index)
     yield gate_up(layer.fc1, gate=hf + "mlp.gate_proj.weight", up=hf + "mlp.up_proj.weight")
     yield rename(layer.fc2, hf + "mlp.down_proj.weight")
 

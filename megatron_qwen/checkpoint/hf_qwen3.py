@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from megatron_qwen.checkpoint import hf_qwen2
-from megatron_qwen.checkpoint.mapping import Entry, model_entries, require_attention
+from megatron_qwen.checkpoint.mapping import Entry, model_entries, require_attention, require_experts
 from megatron_qwen.models.presets import QwenConfig
 
 FORMAT = "qwen3"
@@ -21,6 +21,7 @@ FORMAT = "qwen3"
 def entries(cfg: QwenConfig) -> Iterator[Entry]:
     """The mapping table for ``cfg``, in checkpoint order."""
     require_attention(cfg, qk_norm=True, layout="Qwen3ForCausalLM", use_instead=hf_qwen2.FORMAT)
+    require_experts(cfg, moe=False, layout="Qwen3ForCausalLM")
     yield from model_entries(cfg, "model.embed_tokens.weight", "model.norm.weight", hf_qwen2.layer_entries)
 
 

@@ -69,6 +69,28 @@ class MegatronLayer:
     def fc2(self) -> str:
         return self._name("mlp.linear_fc2.weight")
 
+    @property
+    def router(self) -> str:
+        return self._name("mlp.router.weight")
+
+    def expert_fc1(self, expert: int) -> str:
+        return self._name(f"mlp.experts.local_experts.{expert}.linear_fc1.weight")
+
+    def expert_fc2(self, expert: int) -> str:
+        return self._name(f"mlp.experts.local_experts.{expert}.linear_fc2.weight")
+
+    @property
+    def shared_fc1(self) -> str:
+        return self._name("mlp.shared_experts.linear_fc1.weight")
+
+    @property
+    def shared_fc2(self) -> str:
+        return self._name("mlp.shared_experts.linear_fc2.weight")
+
+    @property
+    def shared_gate(self) -> str:
+        return self._name("mlp.shared_experts.gate_weight")
+
 
 def _single(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0]
@@ -120,6 +142,13 @@ def require_attention(cfg: QwenConfig, qk_norm: bool, layout: str, use_instead: 
         return
     has = "query/key norms and no QKV bias" if cfg.qk_norm else "a QKV bias and no query/key norms"
     raise ValueError(f"{cfg.name} has {has}, which {layout} cannot hold; use --format {use_instead}")
+
+
+def require_experts(cfg: QwenConfig, moe: bool, layout: str) -> None:
+    """Refuses a mixture of experts for a dense ``layout`` and a dense model for a mixture-of-experts one."""
+    if cfg.is_moe != moe:
+        kind = "a mixture of experts" if cfg.is_moe else "a dense model"
+        raise ValueError(f"{cfg.name} is {kind}, which {layout} cannot hold; use --format {cfg.generation}")
 
 
 def to_megatron(entries: Iterable[Entry], read: Read) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,8 +3,8 @@
 The megatron model is built at the current TP/PP layout (``platform.distributed.initialize`` has
 run), loaded from an iteration directory and run with megatron's own pipeline schedule; the rank
 holding the last stage's first tensor-parallel shard gathers the full-vocabulary logits. The
-reference is ``transformers``' ``Qwen2ForCausalLM`` (``Qwen3ForCausalLM`` for Qwen3) on the Hugging Face
-directory; a first-generation directory is read through the converter's Qwen1 -> Qwen2 mapping
+reference is ``transformers``' class of the directory's layout (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``) on the Hugging Face directory; a first-generation directory is read through the converter's Qwen1 -> Qwen2 mapping
 (``transformers`` itself has no first-generation model class), so for those only the megatron side is
 independent. The reference runs on the host CPU, so the host needs room for the model in the compared dtype.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qwen.checkpoint import hf_qwen1, hf_qwen2, hf_qwen3, layout
+from megatron_qwen.checkpoint import hf_qwen1, hf_qwen2, hf_qwen2_moe, hf_qwen3, hf_qwen3_moe, layout
 from megatron_qwen.checkpoint.convert import empty_model
 from megatron_qwen.checkpoint.hf_io import HFCheckpointReader
 from megatron_qwen.checkpoint.mapping import from_megatron, to_megatron
@@ -66,10 +66,17 @@ class Difference:
         return self.logits <= tolerance.logits and self.loss <= tolerance.loss
 
 
-def default_prompts(iteration_dir: str | Path) -> list[list[int]]:
-    """The default conversations in ChatML, tokenized with the checkpoint's own tokenizer."""
+def default_prompts(iteration_dir: str | Path, vocab_size: int) -> tuple[list[list[int]], str]:
+    """The default conversations in ChatML, tokenized with the checkpoint's own tokenizer, and what they are. A
+    model whose ``vocab_size`` embedding rows cannot hold the tokenizer's ids (a small test model) gets token ids
+    drawn at random below ``vocab_size`` instead (seeded, of the same lengths)."""
     renderer = ChatMLRenderer(load_tokenizer(str(layout.tokenizer_dir(iteration_dir))))
-    return [renderer.render(with_system_prompt(list(conversation)))[0] for conversation in DEFAULT_CONVERSATIONS]
+    prompts = [renderer.render(with_system_prompt(list(conversation)))[0] for conversation in DEFAULT_CONVERSATIONS]
+    if max(max(ids) for ids in prompts) < vocab_size:
+        return prompts, "ChatML conversations"
+    draw = torch.Generator().manual_seed(0)
+    random = [torch.randint(vocab_size, (len(ids),), generator=draw).tolist() for ids in prompts]
+    return random, f"random token ids (the tokenizer's ids do not fit the model's {vocab_size} embedding rows)"
 
 
 def load_megatron(
@@ -117,13 +124,14 @@ def megatron_logits(model: torch.nn.Module, cfg: QwenConfig, token_ids: list[int
 
 
 def load_transformers(hf_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` for a Qwen2 / Qwen3 directory, or ``Qwen2ForCausalLM`` for a
-    first-generation one mapped to Qwen2."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3ForCausalLM
+    """The ``transformers`` model of a Qwen2, Qwen3, Qwen2-MoE or Qwen3-MoE directory, or ``Qwen2ForCausalLM`` for
+    a first-generation one mapped to Qwen2."""
+    import transformers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = from_hf_config(Path(hf_dir) / "config.json")
-    if cfg.generation in (hf_qwen2.FORMAT, hf_qwen3.FORMAT):
-        model_class = Qwen3ForCausalLM if cfg.generation == hf_qwen3.FORMAT else Qwen2ForCausalLM
+    if cfg.generation != hf_qwen1.FORMAT:
+        model_class = getattr(transformers, _TRANSFORMERS_CLASSES[cfg.generation])
         return model_class.from_pretrained(hf_dir, dtype=dtype).eval()
     reader = HFCheckpointReader(hf_dir)
     megatron = dict(to_megatron(hf_qwen1.entries(cfg), reader.read))
@@ -135,6 +143,14 @@ def load_transformers(hf_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module
         raise ValueError(f"{hf_dir}: mapped weights do not fit Qwen2ForCausalLM: missing {missing}, "
                          f"unexpected {unexpected}")
     return model.eval()
+
+
+_TRANSFORMERS_CLASSES = {
+    hf_qwen2.FORMAT: "Qwen2ForCausalLM",
+    hf_qwen3.FORMAT: "Qwen3ForCausalLM",
+    hf_qwen2_moe.FORMAT: "Qwen2MoeForCausalLM",
+    hf_qwen3_moe.FORMAT: "Qwen3MoeForCausalLM",
+}
 
 
 @torch.no_grad()

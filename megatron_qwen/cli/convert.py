@@ -1,12 +1,13 @@
 """megatron-qwen convert: Qwen checkpoints between Hugging Face and megatron-core.
 
   hf-to-mcore --hf-dir DIR --mcore-dir OUT [--tokenizer-dir DIR]
-      Reads a first-generation Qwen (QWenLMHeadModel), Qwen2/2.5 (Qwen2ForCausalLM) or Qwen3
-      (Qwen3ForCausalLM) checkpoint (safetensors or .bin, single file or indexed shards) and writes
-      iteration 0 of the checkpoint layout in OUT. The tokenizer files come from --hf-dir unless
-      --tokenizer-dir names another folder.
-  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen] [--iteration N] [--system-prompt TEXT]
-              [--reasoning-history keep|split] [--skip-verify]
+      Reads a first-generation Qwen (QWenLMHeadModel), Qwen2/2.5 (Qwen2ForCausalLM), Qwen3
+      (Qwen3ForCausalLM), Qwen1.5-MoE/Qwen2-MoE (Qwen2MoeForCausalLM) or Qwen3-MoE (Qwen3MoeForCausalLM)
+      checkpoint (safetensors or .bin, single file or indexed shards; experts under their published per-expert
+      names or fused as transformers holds them in memory) and writes iteration 0 of the checkpoint layout in
+      OUT. The tokenizer files come from --hf-dir unless --tokenizer-dir names another folder.
+  mcore-to-hf --mcore-dir DIR --hf-dir OUT [--format qwen2|qwen3|qwen|qwen2_moe|qwen3_moe] [--iteration N]
+              [--system-prompt TEXT] [--reasoning-history keep|split] [--skip-verify]
       Writes an iteration (default: the latest) as a Hugging Face model: safetensors shards with an
       index, config.json, the tokenizer files, the ChatML chat template (adding the training data's
       default system prompt, or --system-prompt, to conversations without one, and writing earlier
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     # No argparse choices: the layouts' modules import torch, which --help must not wait for (checked in main).
     to_hf.add_argument("--format",
                        help="qwen3: Qwen3ForCausalLM (the default for Qwen3 models); qwen2: Qwen2ForCausalLM (the "
-                            "default for the others); qwen: the first-generation layout (needs Qwen's model code)")
+                            "default for Qwen2 and first-generation models); qwen: the first-generation layout (needs "
+                            "Qwen's model code); qwen2_moe, qwen3_moe: Qwen2MoeForCausalLM, Qwen3MoeForCausalLM with "
+                            "per-expert tensors (the defaults for those models)")
     to_hf.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
     to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GB)")
     to_hf.add_argument("--system-prompt", help="the chat template's system turn for conversations without one "

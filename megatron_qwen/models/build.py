@@ -7,6 +7,12 @@ position embedding with the preset's base and no learned positions, tied or unti
 bias. Parallel sizes come from ``megatron.core.parallel_state``, so ``platform.distributed.initialize``
 runs first.
 
+Mixtures of experts (``presets`` module docstring) use megatron-core's MoE layers: ``moe_router_topk`` experts
+per token; Qwen3-MoE's routing (softmax over all experts, top-k, renormalized) is megatron's default, Qwen2-MoE's
+(softmax over all experts, top-k, not renormalized) is ``moe_router_pre_softmax``; Qwen2-MoE's shared expert has
+megatron's sigmoid gate (``moe_shared_expert_gate``). Tokens go to the experts with megatron's ``allgather``
+dispatcher unless an override names another; no token is ever dropped (no capacity factor).
+
 Embedding rows: Qwen's published row counts (151936, 152064) are multiples of 128, so every
 power-of-two TP size divides them and they are kept as they are; the softmax then runs over the
 same rows as in ``transformers``. A vocabulary that is not a multiple of 128 is padded up to one: the
@@ -95,10 +101,28 @@ def transformer_config(
         # ranks; with the interleaved schedule batched p2p then mixes up microbatches on the CPU
         batch_p2p_comm=not cpu,
     )
+    if cfg.is_moe:
+        fields.update(moe_fields(cfg))
     fields.update(overrides)
     if fields.get("apply_rope_fusion"):
         provide_fused_rope()
     return TransformerConfig(**fields)
+
+
+def moe_fields(cfg: QwenConfig) -> dict:
+    """The ``TransformerConfig`` fields of a mixture of experts at the current expert-parallel layout."""
+    shared = cfg.moe_shared_expert_ffn_hidden_size
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_router_pre_softmax=not cfg.moe_norm_topk_prob,
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=shared is not None,
+        moe_layer_freq=[int(cfg.is_moe_layer(index)) for index in range(cfg.num_layers)],
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+    )
 
 
 def build_model(

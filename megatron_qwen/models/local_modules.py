@@ -173,7 +173,7 @@ class RMSNorm(torch.nn.Module):
 
 class StandaloneRMSNorm(EmptyExtraState, RMSNorm):
     """A norm that Transformer Engine's spec builds as a module of its own, with an ``_extra_state`` entry:
-    the decoder's last norm and Qwen3's query and key norms.
+    the decoder's last norm, Qwen3's query and key norms, and the norm before a mixture-of-experts MLP.
 
-    The norms before attention and MLP have none: their keys are renamed into the TE linear layers' names.
+    The norms before attention and a dense MLP have none: their keys are renamed into the TE linear layers' names.
     """

@@ -19,6 +19,11 @@ mode (and only there: never call this on a GPU machine) these are redirected:
   only use ``current_device()``.
 * ``Tensor.type()`` without arguments reports ``torch.cuda.*Tensor`` for CPU tensors, because the
   optimizer and ``clip_grad_by_total_norm_fp32`` assert that gradients are CUDA float tensors.
+* Mixture-of-experts layers: the router's gating matmul calls Transformer Engine's ``te_general_gemm`` whenever
+  that name is bound, and ``moe_utils`` binds it only when TE imports (a ``NameError`` without TE); it is bound
+  to None, which selects the ``torch.mm`` path already there. The alltoall token dispatcher creates a CUDA stream
+  and copies the split sizes to the host on it; here the stream is a placeholder and the copy a stream-free one
+  that turns the split sizes into numpy arrays, as the GPU path leaves them.
 
 ``enable_cpu_mode()`` is idempotent. It must be called before megatron-core builds anything.
 """
@@ -46,6 +51,7 @@ def enable_cpu_mode() -> None:
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
     _redirect_rng()
+    _redirect_moe()
     _CudaOnCpu().__enter__()  # stays active for the life of the process
     _enabled = True
 
@@ -76,6 +82,25 @@ def _redirect_rng() -> None:
     mcore_random._get_cuda_rng_state = get_rng_state
     mcore_random._set_cuda_rng_state = set_rng_state
     mcore_random.CudaRNGStatesTracker.add = add
+
+
+def _redirect_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+
+    def splits_to_host(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    dispatcher.cuda_dtoh_stream = object()  # __init__ creates a CUDA stream only while this is None
+    dispatcher._maybe_dtoh_and_synchronize = splits_to_host
 
 
 def _is_cuda_device(device) -> bool:

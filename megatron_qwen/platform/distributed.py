@@ -9,6 +9,7 @@ gloo and CPU mode; GPU runs use NCCL, one GPU per local rank.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import re
@@ -25,11 +26,18 @@ def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     virtual_pipeline_parallel: int | None = None,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
     seed: int = 1234,
     cpu: bool | None = None,
     timeout_minutes: float = 30.0,
 ) -> None:
     """Starts torch.distributed and megatron-core's model-parallel groups, then seeds every RNG.
+
+    ``expert_parallel`` and ``expert_tensor_parallel`` (default: ``tensor_parallel``) lay out the experts of a
+    mixture of experts: megatron-core regroups the same ranks as expert-TP x EP x expert-DP x PP, so the world
+    size must be a multiple of both ``tensor_parallel x pipeline_parallel`` and ``expert_tensor_parallel x
+    expert_parallel x pipeline_parallel`` (``world_size_for``).
 
     ``cpu=None`` means: CPU when no GPU is visible. ``timeout_minutes`` is how long any collective, in the
     world group and in megatron's groups alike, waits for the last rank before it fails. torch's own default
@@ -56,16 +64,34 @@ def initialize(
             f"world size {world_size} is not divisible by tensor_parallel={tensor_parallel} "
             f"x pipeline_parallel={pipeline_parallel}"
         )
+    expert_tensor_parallel = expert_tensor_parallel or tensor_parallel
+    if world_size % (expert_tensor_parallel * expert_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel={expert_tensor_parallel} "
+            f"x expert_parallel={expert_parallel} x pipeline_parallel={pipeline_parallel}"
+        )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
     # With use_cpu_initialization the weights come from the CPU generator, which
     # model_parallel_cuda_manual_seed does not touch; seed both so that runs repeat.
     torch.manual_seed(seed)
     mcore_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def world_size_for(
+    tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
+) -> int:
+    """The fewest processes that hold a layout: a multiple of TP x PP (data parallelism fills the rest) and of
+    expert-TP x EP x PP (expert data parallelism fills the rest); e.g. TP2 with EP2 and expert-TP 2 needs 4."""
+    experts = (expert_tensor_parallel or tensor_parallel) * expert_parallel
+    return pipeline_parallel * math.lcm(tensor_parallel, experts)
 
 
 def destroy() -> None:

@@ -33,8 +33,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from workers import REPO, run_python, run_torchrun, worker_env
-from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, copy_tokenizer, random_qwen2,
-                       write_qwen1_checkpoint)
+from hf_models import (FFN, HIDDEN, QWEN2_TOKENIZER_DIR, QWEN_TIKTOKEN, assert_same_tensors, copy_tokenizer,
+                       random_qwen2, read_safetensors_dir, write_qwen1_checkpoint)
 
 pytestmark = pytest.mark.slow  # conversion tools run in worker processes, logits under torchrun
 
@@ -46,13 +46,6 @@ SHAPES = {
     "c": dict(layers=2, heads=4, kv_heads=4, vocab=300, tied=False, rope_theta=10000.0),
     "d": dict(layers=2, heads=4, kv_heads=2, vocab=300, tied=False, rope_theta=1e6, head_dim=32),
 }
-
-
-def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def read_bin_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -147,12 +140,7 @@ def test_iteration_zero_records_config_and_tokenizer(converted):
 
 @pytest.mark.parametrize("name", ["a", "b", "d"])
 def test_qwen2_and_qwen3_round_trip_reproduces_every_tensor(converted, name):
-    source = read_safetensors_dir(converted.dir / f"{name}_hf")
-    exported = read_safetensors_dir(converted.dir / f"{name}_out")
-    assert sorted(exported) == sorted(source)
-    for tensor_name, tensor in source.items():
-        assert exported[tensor_name].dtype == tensor.dtype
-        assert torch.equal(exported[tensor_name], tensor), tensor_name
+    assert_same_tensors(converted.dir / f"{name}_hf", converted.dir / f"{name}_out")
 
 
 def test_first_generation_round_trip_reproduces_every_tensor(converted):

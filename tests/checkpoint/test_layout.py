@@ -171,7 +171,9 @@ def write_hf_config(folder, **fields):
     ({"attention_bias": True}, "attention_bias is true; Qwen3 checkpoints have no attention biases"),
     ({"use_sliding_window": True}, "sliding-window attention is not implemented"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not implemented"),
-    ({"model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not 'qwen', 'qwen2' or 'qwen3'"),
+    ({"model_type": "qwen2_vl"},
+     "model_type 'qwen2_vl' is not one of 'qwen', 'qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe'"),
+    ({"model_type": "qwen3_moe"}, "a mixture-of-experts config.json without num_experts"),
 ])
 def test_hf_to_mcore_refuses_architectures_it_does_not_implement(tmp_path, capsys, fields, message):
     write_hf_config(tmp_path / "hf", **fields)
@@ -194,6 +196,10 @@ def test_qwen3_config_defaults_to_transformers_head_dim(tmp_path):
     ("qwen3-0.6b", "qwen2", "query/key norms and no QKV bias, which Qwen2ForCausalLM cannot hold; use --format qwen3"),
     ("qwen3-0.6b", "qwen", "which the first-generation layout cannot hold; use --format qwen3"),
     ("qwen2.5-0.5b", "qwen3", "has a QKV bias and no query/key norms, which Qwen3ForCausalLM cannot hold"),
+    ("qwen3-30b-a3b", "qwen3", "is a mixture of experts, which Qwen3ForCausalLM cannot hold; use --format qwen3_moe"),
+    ("qwen3-30b-a3b", "qwen2_moe", "query/key norms and no QKV bias, which Qwen2MoeForCausalLM cannot hold"),
+    ("qwen1.5-moe-a2.7b", "qwen3_moe", "QKV bias and no query/key norms, which Qwen3MoeForCausalLM cannot hold"),
+    ("qwen3-0.6b", "qwen3_moe", "is a dense model, which Qwen3MoeForCausalLM cannot hold; use --format qwen3"),
 ])
 def test_mcore_to_hf_refuses_a_format_that_cannot_hold_the_model(tmp_path, capsys, preset, hf_format, message):
     from megatron_qwen.models.presets import PRESETS

@@ -32,6 +32,17 @@ QWEN3_PUBLISHED_NON_EMBEDDING = {
     "qwen3-32b": 31.2e9,
 }
 
+# Mixtures of experts: (total, activated) as the model cards state them. The cards round to two or three digits,
+# some to fewer than 1% resolves (Qwen3-30B-A3B's "3.3B" activated counts 3.353B, Qwen2-57B-A14B's "14B" 14.25B):
+# there the count must lie within one unit of the card's last digit.
+MOE_PUBLISHED = {
+    "qwen1.5-moe-a2.7b": ("14.3B", "2.7B"),
+    "qwen2-57b-a14b": ("57B", "14B"),
+    "qwen3-30b-a3b": ("30.5B", "3.3B"),
+    "qwen3-235b-a22b": ("235B", "22B"),
+    "qwen3-coder-30b-a3b": ("30.5B", "3.3B"),
+}
+
 # First-generation config.json values (hidden_size, num_hidden_layers, intermediate_size, vocab_size),
 # as published in Qwen/Qwen-{1_8B,7B,14B,72B}; intermediate_size is twice the per-branch FFN.
 QWEN1_CONFIGS = {
@@ -80,6 +91,28 @@ def test_qwen25_parameter_count_matches_model_card(results, name):
 def test_qwen3_non_embedding_parameter_count_matches_model_card(results, name):
     published = QWEN3_PUBLISHED_NON_EMBEDDING[name]
     assert abs(results["parameter_counts"][name]["non_embedding"] - published) / published < 0.01
+
+
+def matches_card(count: int, card: str) -> bool:
+    """Within 1% of the card's figure, or within one unit of its last stated digit where that is coarser."""
+    figure = card.removesuffix("B")
+    last_digit = 10 ** -len(figure.partition(".")[2]) * 1e9
+    published = float(figure) * 1e9
+    return abs(count - published) < max(0.01 * published, last_digit)
+
+
+@pytest.mark.parametrize("name", sorted(MOE_PUBLISHED))
+def test_moe_total_and_activated_parameter_counts_match_model_card(results, name):
+    total, activated = MOE_PUBLISHED[name]
+    counts = results["parameter_counts"][name]
+    assert matches_card(counts["total"], total), counts
+    assert matches_card(counts["activated"], activated), counts
+    assert counts["activated"] < counts["total"] / 4
+
+
+def test_dense_models_activate_every_parameter(results):
+    assert all(counts["activated"] == counts["total"] for name, counts in results["parameter_counts"].items()
+               if not PRESETS[name].is_moe)
 
 
 def dense_qwen1_parameters(hidden, layers, intermediate, vocab):

@@ -1,11 +1,14 @@
-"""Presets as plain data: reading published config.json files (shapes and names), embedding-row rules, SLURM hosts."""
+"""Presets as plain data: reading published config.json files (dense and mixtures of experts), model_config.json
+before and after the expert fields, embedding-row rules, SLURM hosts, the converted model's name."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
+from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
 from megatron_qwen.models.build import padded_vocab_size
-from megatron_qwen.models.presets import PRESETS, from_hf_config
+from megatron_qwen.models.presets import PRESETS, QwenConfig, from_hf_config
 from megatron_qwen.platform.distributed import first_slurm_host
 
 # Excerpts of published config.json files (Qwen/Qwen-14B and Qwen/Qwen2.5-7B-Instruct).
@@ -75,3 +78,62 @@ def test_odd_vocabulary_pads_to_one_size_for_every_tp():
 )
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
+
+
+# model_config.json of dense presets as the code before the mixture-of-experts fields wrote it (QwenConfig.to_json)
+DENSE_BEFORE_MOE = Path(__file__).with_name("model_config_before_moe_fixture.json")
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen-14b", "qwen3-8b"])
+def test_dense_model_config_is_written_and_read_as_before_the_moe_fields(name):
+    written_before = json.loads(DENSE_BEFORE_MOE.read_text())[name]
+    assert PRESETS[name].to_json() == written_before
+    assert QwenConfig.from_dict(json.loads(written_before)) == PRESETS[name]
+
+
+def test_moe_model_config_round_trips():
+    for cfg in PRESETS.values():
+        assert QwenConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+# Published config.json values (Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen3-30B-A3B), written by transformers' own config
+# classes as save_pretrained writes them (transformers 5 renames Qwen3-MoE's num_experts to num_local_experts).
+QWEN15_MOE_A27B = dict(
+    hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+    num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=16, vocab_size=151936, max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+)
+QWEN3_30B_A3B = dict(
+    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+    norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, decoder_sparse_step=1,
+    mlp_only_layers=[], tie_word_embeddings=False,
+)
+MOE_FIELDS = ["num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_norm_topk_prob",
+              "moe_shared_expert_ffn_hidden_size", "moe_dense_layers", "qkv_bias", "qk_norm", "kv_channels",
+              "max_position_embeddings"]
+
+
+def write_transformers_config(folder, config) -> None:
+    config.to_json_file(folder / "config.json")
+
+
+@pytest.mark.parametrize("config_class, values, preset", [
+    (Qwen2MoeConfig, QWEN15_MOE_A27B, "qwen1.5-moe-a2.7b"), (Qwen3MoeConfig, QWEN3_30B_A3B, "qwen3-30b-a3b")])
+def test_moe_config_json_reads_as_the_preset(tmp_path, config_class, values, preset):
+    write_transformers_config(tmp_path, config_class(**values))
+    read = from_hf_config(tmp_path)
+    for field in ARCHITECTURE_FIELDS + MOE_FIELDS:
+        assert getattr(read, field) == getattr(PRESETS[preset], field), field
+
+
+@pytest.mark.parametrize("config_class", [Qwen2MoeConfig, Qwen3MoeConfig])
+def test_dense_layers_follow_mlp_only_layers_and_the_sparse_step(tmp_path, config_class):
+    shape = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=16)
+    # transformers: layer i is sparse unless listed, and only when (i + 1) is a multiple of decoder_sparse_step
+    write_transformers_config(tmp_path, config_class(**shape, decoder_sparse_step=2, mlp_only_layers=[3]))
+    read = from_hf_config(tmp_path)
+    assert read.moe_dense_layers == (0, 2, 3, 4)
+    assert [read.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]

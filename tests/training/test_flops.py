@@ -44,3 +44,24 @@ def test_mfu_against_the_h100_peak():
     assert H100_SXM_BF16_DENSE_PEAK == 989e12
     assert mfu(flops=8 * 989e12, seconds=2.0, num_gpus=8) == pytest.approx(0.5)
     assert mfu(flops=3e12, seconds=1.0, num_gpus=1, peak_flops_per_gpu=6e12) == pytest.approx(0.5)
+
+
+def test_mixture_of_experts_counts_the_experts_a_token_activates():
+    # h=8, 3 layers (layer 1 dense, SwiGLU 12), 2 query heads of 4 on 1 group; 6 experts of width 5, 2 per token,
+    # a shared expert of width 7 with its gate; 20 rows, rows of 10.
+    moe = dataclasses.replace(
+        PRESETS["tiny"], generation="qwen2_moe", hidden_size=8, num_layers=3, num_attention_heads=2,
+        num_query_groups=1, ffn_hidden_size=12, vocab_size=20, num_experts=6, moe_ffn_hidden_size=5,
+        moe_router_topk=2, moe_shared_expert_ffn_hidden_size=7, moe_dense_layers=(1,),
+    )
+    attention = 256 + 128 + 320  # QKV, output projection, scores and values, as in the dense count above
+    dense_mlp = 2 * 8 * 24 + 2 * 12 * 8  # 576
+    router = 2 * 8 * 6  # [8 x 6]: 96
+    two_experts = 2 * (2 * 8 * 10 + 2 * 5 * 8)  # each: gate+up [8 x 10], down [5 x 8]: 2 x 240
+    shared = 2 * 8 * 14 + 2 * 7 * 8 + 2 * 8  # gate+up [8 x 14], down [7 x 8], gate [8 x 1]: 352
+    sparse_mlp = router + two_experts + shared  # 928
+    per_token = 3 * attention + 2 * sparse_mlp + dense_mlp + 2 * 8 * 20
+    assert per_token == 2112 + 1856 + 576 + 320
+    assert forward_flops_per_token(moe, seq_length=10) == per_token
+    without_shared = dataclasses.replace(moe, moe_shared_expert_ffn_hidden_size=None)
+    assert forward_flops_per_token(without_shared, seq_length=10) == per_token - 2 * shared

@@ -20,7 +20,10 @@ def parameter_counts():
             model = build_model(cfg, perform_initialization=False)
         total = sum(p.numel() for p in model.parameters())
         embedding = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("embedding.", "output_layer.")))
-        counts[name] = {"total": total, "non_embedding": total - embedding}
+        # routed experts: a token activates moe_router_topk of num_experts (all of them in a dense model)
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+        skipped = experts - experts * (cfg.moe_router_topk or 1) // (cfg.num_experts or 1)
+        counts[name] = {"total": total, "non_embedding": total - embedding, "activated": total - skipped}
     return counts
 
 
