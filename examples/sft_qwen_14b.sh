@@ -4,7 +4,7 @@
 #   bash examples/sft_qwen_14b.sh [flags]     torchrun, one process per GPU (GPUS_PER_NODE to change), one node;
 #                                             or NNODES nodes: run it on each with NODE_RANK (0 to NNODES-1)
 #                                             and the same MASTER_ADDR (node 0's address) and MASTER_PORT
-#   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script re-runs itself under srun, one task per GPU;
+#   sbatch examples/sft_qwen_14b.sh [flags]   SLURM: the batch script runs the launcher under srun, one task per GPU;
 #                                             rank, world size and rendezvous come from SLURM's variables
 #   srun ... examples/sft_qwen_14b.sh         inside an srun task: starts the trainer directly
 # Extra flags override the recipe (qwen_14b_sft, shipped in megatron_qwen/recipes/; --recipe FILE replaces it), e.g.
@@ -44,66 +44,11 @@ set -euo pipefail
 
 REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 # under sbatch, SLURM runs a copy of this file from its spool directory: SLURM_SUBMIT_DIR is the repository
-if [[ ! -f "$REPO/megatron_qwen/train.py" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then REPO="$SLURM_SUBMIT_DIR"; fi
-cd "$REPO"
+if [[ ! -f "$REPO/examples/launch_sft.sh" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then REPO="$SLURM_SUBMIT_DIR"; fi
 
-DATA="${DATA:-data/sft_chatml}"
-PRETRAINED="${PRETRAINED:-checkpoints/qwen-14b-mcore}"
-SAVE_DIR="${SAVE_DIR:-checkpoints/qwen-14b-sft}"
-MEGATRON_QWEN="${MEGATRON_QWEN:-megatron-qwen}"
-export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron's overlap of TP communication with compute expects it
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
-
-TRAIN=("$MEGATRON_QWEN" train
-  --recipe qwen_14b_sft
-  --data-path "$DATA"
-  --pretrained-checkpoint "$PRETRAINED"
-  --save-dir "$SAVE_DIR"
-  "$@")
-
-# The exit status of background process $1. Its `wait` returns early whenever a trap fires: wait again until the
-# process has really ended.
-wait_through_traps() {
-  while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done
-  wait "$1"
-}
-
-# SLURM_STEP_ID is unset or 4294967294 (SLURM's id of the batch step) in the batch script, a step number in srun
-if [[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "4294967294" && "${SLURM_STEP_ID}" != "batch" ]]; then
-  # one task of an srun step: the trainer reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST
-  export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
-  exec "${TRAIN[@]}"
-elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
-  # the batch script: one task per GPU on every node, each running this file again. srun runs in the
-  # background so that the USR1 trap fires at once (bash defers traps while a foreground command runs).
-  preempted=0
-  step=""
-  trap 'preempted=1; if [[ -n $step ]]; then kill -USR1 "$step" 2>/dev/null || true; fi' USR1
-  srun --kill-on-bad-exit=1 --cpu-bind=none bash "$REPO/examples/sft_qwen_14b.sh" "$@" &
-  step=$!
-  status=0
-  wait_through_traps "$step" || status=$?
-  if [[ $preempted == 1 && $status == 0 ]]; then
-    echo "stopped cleanly after the time-limit warning; requeueing job $SLURM_JOB_ID to resume from its checkpoint"
-    scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: submit the same job again to resume" >&2
-  fi
-  exit "$status"
-else
-  # torchrun passes a SIGTERM on to the trainers but kills them 30 seconds later (the releases before
-  # --shutdown-timeout always do), too soon for a large save. So this script takes SIGTERM and SIGUSR1 itself and
-  # sends SIGUSR1 to the trainer processes alone (torchrun's children): they save and exit 0, and torchrun with
-  # them. Before the trainers exist, torchrun itself gets the SIGTERM: nothing has trained yet.
-  launcher=""
-  trap 'if [[ -n $launcher ]]; then pkill -USR1 -P "$launcher" || kill -TERM "$launcher" 2>/dev/null || true; fi' \
-    TERM USR1
-  if [[ ${NNODES:-1} -gt 1 ]]; then
-    nodes=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK (0 to NNODES-1) on each node}"
-      --master-addr "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 on every node}"
-      --master-port "${MASTER_PORT:-29500}")
-  else
-    nodes=(--standalone)
-  fi
-  torchrun "${nodes[@]}" --nproc-per-node "${GPUS_PER_NODE:-gpu}" --no-python "${TRAIN[@]}" &
-  launcher=$!
-  wait_through_traps "$launcher" || exit $?
-fi
+export DATA="${DATA:-data/sft_chatml}"
+export PRETRAINED="${PRETRAINED:-checkpoints/qwen-14b-mcore}"
+export SAVE_DIR="${SAVE_DIR:-checkpoints/qwen-14b-sft}"
+# the SLURM/torchrun handling (and the signals above) is the shared launcher's; exec keeps this process's id,
+# which SLURM's time-limit warning is sent to
+exec bash "$REPO/examples/launch_sft.sh" --recipe qwen_14b_sft "$@"

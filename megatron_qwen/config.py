@@ -415,6 +415,8 @@ MEGATRON_ALIASES = (
     Alias("--tensor-model-parallel-size", "tensor_parallel"),
     Alias("--pipeline-model-parallel-size", "pipeline_parallel"),
     Alias("--virtual-pipeline-model-parallel-size", "virtual_pipeline"),
+    Alias("--expert-model-parallel-size", "expert_parallel"),
+    Alias("--expert-tensor-parallel-size", "expert_tensor_parallel"),
     Alias("--use-distributed-optimizer", "distributed_optimizer", "on by default here", value=True),
     Alias("--train-iters", "train_steps"),
     Alias("--lr-warmup-iters", "warmup_steps"),

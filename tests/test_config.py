@@ -240,13 +240,15 @@ def test_megatron_spellings_set_our_settings():
         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--train-iters", "30",
         "--lr-warmup-iters", "3", "--bf16", "--use-distributed-optimizer", "--recompute-granularity", "selective",
         "--hidden-dropout", "0.0", "--attention-dropout", "0", "--save", "out", "--override-opt_param-scheduler",
+        "--expert-model-parallel-size", "4", "--expert-tensor-parallel-size", "1",
     ])
     ours = parse_config(BASE + [
         "--tensor-parallel", "2", "--pipeline-parallel", "2", "--train-steps", "30", "--warmup-steps", "3",
         "--precision", "bf16", "--distributed-optimizer", "--recompute", "selective", "--dropout", "0",
-        "--save-dir", "out", "--override-schedule",
+        "--save-dir", "out", "--override-schedule", "--expert-parallel", "4", "--expert-tensor-parallel", "1",
     ])
     assert megatron == ours and ours.model.dropout == 0.0 and ours.training.train_steps == 30
+    assert (ours.parallel.expert_parallel, ours.parallel.expert_tensor_parallel) == (4, 1)
     fraction = parse_config(BASE + ["--lr-warmup-fraction", "0.25"]).optimizer.warmup_fraction
     assert fraction == 0.25
 

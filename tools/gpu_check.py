@@ -4,7 +4,7 @@
     bash tools/gpu_check.sh                       # on the GPU machine: installs the carried wheels, then this
     python tools/gpu_check.py OUT [--cpu-dry-run]
 
-Writes ``OUT/gpu_check.json`` (and the benchmark's own JSON and log); each part records its error instead of
+Writes ``OUT/gpu_check.json`` (and the benchmarks' own JSON and log); each part records its error instead of
 stopping the others:
 
 1. ``kernels``: our packed attention (``SDPAttention``) on one row of several documents at Qwen2.5-1.5B's attention
@@ -17,8 +17,10 @@ stopping the others:
    short run; it counts our row's host synchronisations under CUDA's sync-debug mode.
 3. ``resume``: the tiny preset trains 3 updates saving at 2 and 3; the iteration-2 checkpoint is resumed on this
    device and, in a process that sees no GPU, on the CPU; each resume's update 3 against the uninterrupted run's.
+4. ``benchmark_moe``: the benchmark of part 2 for a mixture of experts, Qwen3-30B-A3B's layer shape (2 of its 48
+   layers), shorter still; last, so that a run past the time limit loses nothing else.
 
-``--cpu-dry-run`` runs parts 1-3 on the CPU at the tiny preset's scale and without dropout (the CPU's fused SDPA
+``--cpu-dry-run`` runs parts 1-4 on the CPU at the tiny presets' scale and without dropout (the CPU's fused SDPA
 kernel has none), with the kernel fusions a GPU would use (``--kernel-fusions``) and without the second process of
 part 3 (the device is already the CPU); the test suite runs it.
 """
@@ -134,19 +136,30 @@ def check_kernels(dry_run: bool) -> dict:
             "calls": calls, "ms_per_layer_forward_backward": timings}
 
 
-def check_benchmark(out: Path, dry_run: bool) -> dict:
+DRY_RUN_SIZES = ["--seq-length", "128", "--global-batch-size", "4", "--conversations", "32", "--precision", "fp32",
+                 "--steps", "1"]
+
+
+def check_benchmark(out: Path, dry_run: bool, moe: bool = False) -> dict:
+    """The benchmark's padfree rows of a dense model (``OUT/benchmark.json``) or, with ``moe``, of a mixture of
+    experts (``OUT/benchmark_moe.json``)."""
     from megatron_qwen.cli import benchmark
 
-    sizes = (["--preset", "tiny", "--seq-length", "128", "--global-batch-size", "4", "--conversations", "32",
-              "--precision", "fp32"] if dry_run else
-             ["--preset", "qwen2.5-1.5b", "--global-batch-size", "16", "--conversations", "400"])
-    argv = [*sizes, "--rows", "padfree", "--warmup", "1", "--steps", "3" if not dry_run else "1",
-            "--json", str(out / "benchmark.json")]
-    status = benchmark.main(argv)
-    report = json.loads((out / "benchmark.json").read_text())
+    if dry_run:
+        sizes = ["--preset", "tiny-moe", "--num-layers", "1"] if moe else ["--preset", "tiny"]
+        sizes += DRY_RUN_SIZES
+    elif moe:  # 1.87B parameters: 34 GB of weights, gradients and Adam state in ours, 15 GB in the peer
+        sizes = ["--preset", "qwen3-30b-a3b", "--num-layers", "2", "--global-batch-size", "8", "--conversations",
+                 "200", "--steps", "2"]
+    else:
+        sizes = ["--preset", "qwen2.5-1.5b", "--global-batch-size", "16", "--conversations", "400", "--steps", "3"]
+    report_file = out / ("benchmark_moe.json" if moe else "benchmark.json")
+    status = benchmark.main([*sizes, "--rows", "padfree", "--warmup", "1", "--json", str(report_file)])
+    report = json.loads(report_file.read_text())
     run = report["runs"][0]
-    return {"status": status, "device": report["device"], "ours_over_peer_tokens_per_s": run["ours_over_peer_tokens_per_s"],
-            "rows": run["rows"], "ours_host_syncs": run["ours_host_syncs"]}
+    return {"status": status, "device": report["device"], "preset": run["preset"], "num_layers": run["num_layers"],
+            "ours_over_peer_tokens_per_s": run["ours_over_peer_tokens_per_s"], "rows": run["rows"],
+            "ours_host_syncs": run["ours_host_syncs"]}
 
 
 def trainer_flags(data_prefix: str, save_dir: Path, steps: int, dry_run: bool) -> list[str]:
@@ -229,6 +242,7 @@ def main(argv=None) -> int:
             "kernels": lambda: check_kernels(args.cpu_dry_run),
             "benchmark": lambda: check_benchmark(out, args.cpu_dry_run),
             "resume": lambda: check_resume(out, Path(work), args.cpu_dry_run),
+            "benchmark_moe": lambda: check_benchmark(out, args.cpu_dry_run, moe=True),
         }
         for name, part in parts.items():
             started = time.perf_counter()

@@ -2,6 +2,7 @@
 
     megatron-qwen benchmark [--preset qwen2.5-1.5b qwen-1.8b] [--rows pad pack padfree] [--steps 10] [--warmup 3]
                             [--global-batch-size 32] [--micro-batch-size 1] [--peer-compile] [TRAINER FLAGS]
+    megatron-qwen benchmark --preset qwen3-30b-a3b --num-layers 4 --rows padfree   # a mixture of experts, one GPU
     torchrun --no-python --nproc-per-node 8 megatron-qwen benchmark ...     # several GPUs: data parallelism
 
 Flags this command does not know go to the trainer's configuration (e.g. --recompute selective). What each row
@@ -27,6 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--rows", nargs="+", choices=("pad", "pack", "padfree"), default=["pad"],
                         help="data regimes, each measured for both rows (in one process: one start-up, one matmul "
                              "rate)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="layers of each preset (default: its own): a large model's layer shape in one GPU's "
+                             "memory (both rows)")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--global-batch-size", type=int, default=32,
                         help="rows per update (both rows); conversations with --rows padfree")
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     args, trainer_flags = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
+    if args.num_layers is not None and args.num_layers < 1:
+        parser.error(f"--num-layers must be at least 1, got {args.num_layers}")
     return args, trainer_flags
 
 

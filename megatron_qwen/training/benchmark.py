@@ -1,15 +1,18 @@
 """Training throughput of this repository's SFT trainer against the plain transformers loop, same data and batch
 (``megatron-qwen benchmark``, whose flags are in ``megatron_qwen/cli/benchmark.py``).
 
-For each data regime (``--rows``, one or several) and each preset (random weights) it trains two rows on the same
-device, one after the other:
+For each data regime (``--rows``, one or several) and each preset (random weights; with ``--num-layers`` that many of
+its layers, e.g. Qwen3-30B-A3B's layer shape on one GPU) it trains two rows on the same device, one after the other:
 
 * ``ours``: ``training.trainer.Trainer`` itself (its configuration, data pipeline, step and log), for
   ``--warmup + --steps`` updates; flags the command does not know go to the trainer's configuration (e.g.
   ``--recompute selective``; the peer row ignores them).
 * ``peer``: what a user would otherwise write: ``transformers``' ``Qwen2ForCausalLM`` (``Qwen3ForCausalLM`` for
-  the Qwen3 presets) with bf16 weights (float32
-  with ``--precision fp32``, which the CPU smoke test uses) and ``attn_implementation="sdpa"``, ``torch.optim.AdamW`` (``fused=True`` on CUDA), gradient clipping, the
+  the Qwen3 presets, ``Qwen2MoeForCausalLM``/``Qwen3MoeForCausalLM`` for the mixtures of experts, with
+  transformers' default experts implementation: ``grouped_mm`` where torch's grouped GEMM runs, else a loop over
+  the experts; no load-balancing loss, ``output_router_logits`` false as in the published configs) with bf16
+  weights (float32 with ``--precision fp32``, which the CPU smoke test uses) and ``attn_implementation="sdpa"``,
+  ``torch.optim.AdamW`` (``fused=True`` on CUDA), gradient clipping, the
   same global batches (drawn by the trainer's own sampler from the same dataset and seed), micro-batches,
   sequence length, attention and hidden dropout and token-weighted loss (masked cross-entropy summed over
   the global batch and divided once by its supervised-token count). Qwen2 in transformers has no hidden
@@ -59,6 +62,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.training import flops
 from megatron_qwen.training.metrics import peak_memory_gib
 
@@ -207,6 +211,18 @@ def counted_host_syncs(device: torch.device):
 
 
 # ---- our row: the trainer itself ----
+
+
+def preset_with_layers(preset: str, num_layers: int | None) -> str:
+    """The preset both rows train: ``preset``, or a copy of it with ``num_layers`` layers (dense layers beyond them
+    dropped), added to ``PRESETS`` under a name of its own: the trainer takes its model from there."""
+    model = PRESETS[preset]
+    if num_layers is None or num_layers == model.num_layers:
+        return preset
+    name = f"{preset}-{num_layers}-layers"
+    dense = tuple(layer for layer in model.moe_dense_layers if layer < num_layers)
+    PRESETS[name] = dataclasses.replace(model, name=name, num_layers=num_layers, moe_dense_layers=dense)
+    return name
 
 
 def trainer_argv(args, preset: str, rows: str, prefix: str, records_dir: Path, trainer_flags: list[str]) -> list[str]:
@@ -434,9 +450,10 @@ def run(args: argparse.Namespace, trainer_flags: list[str]) -> int:
         for index, (regime, preset) in enumerate((regime, preset) for regime in args.rows for preset in args.preset):
             run_name = f"{index}_{regime}_{preset}"
             records_dir = work / f"ours_{run_name}"
+            trained = preset_with_layers(preset, args.num_layers)
             with profiled(args.profile, f"{run_name}_ours", device):
                 ours, config, model, world = run_ours(
-                    trainer_argv(args, preset, regime, prefix, records_dir, trainer_flags), records_dir, device
+                    trainer_argv(args, trained, regime, prefix, records_dir, trainer_flags), records_dir, device
                 )
             rows = [ours]
             for name, compile_model in (("peer", False), ("peer+compile", True))[: 1 + args.peer_compile]:
@@ -447,7 +464,8 @@ def run(args: argparse.Namespace, trainer_flags: list[str]) -> int:
                 ratio = summaries[0]["tokens_per_s_per_gpu"] / summaries[1]["tokens_per_s_per_gpu"]
                 positions = sum(ours.rows[args.warmup :]) * args.seq_length  # both rows saw the same rows
                 report["runs"].append({
-                    "preset": preset, "regime": regime, "world_size": world, "rows": summaries,
+                    "preset": preset, "num_layers": model.num_layers, "regime": regime, "world_size": world,
+                    "rows": summaries,
                     "ours_over_peer_tokens_per_s": ratio,
                     "row_fill": sum(ours.tokens[args.warmup :]) / positions, "ours_host_syncs": ours.host_syncs,
                 })
@@ -462,7 +480,8 @@ def run(args: argparse.Namespace, trainer_flags: list[str]) -> int:
         f"micro-batch {args.micro_batch_size}, dropout {args.dropout}; {args.warmup} warm-up + {args.steps} timed "
         f"updates per row")
     for result in report["runs"]:
-        say(f"\n## {result['preset']}, rows {result['regime']} ({result['world_size']} GPU(s) / processes)")
+        say(f"\n## {result['preset']} ({result['num_layers']} layers), rows {result['regime']} "
+            f"({result['world_size']} GPU(s) / processes)")
         say(table(result["rows"]))
         say(f"ours/peer tokens/s: {result['ours_over_peer_tokens_per_s']:.3f}")
         say(f"row fill: {result['row_fill']:.1%} of the positions of the timed updates are non-padding tokens")

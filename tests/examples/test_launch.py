@@ -7,6 +7,8 @@ stand-ins for ``srun`` and ``scontrol`` (no cluster here): the batch script resu
 the time-limit warning (SIGUSR1) on to its tasks, which save, and requeues the job. And two "nodes" (two
 launches of the script, NODE_RANK 0 and 1) join one torchrun job.
 All runs override the 14B recipe with ``--recipe``: the fixtures' tiny model, fp32, 32-token rows.
+``examples/sft_qwen3_30b_a3b.sh`` (the same launcher) is only started as an srun task would start it, with a
+stand-in for the command, whose flags are then parsed: its layout must fit Qwen3-30B-A3B on 16 GPUs.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ from workers import REPO, run_python, worker_env
 from workers.trainer_common import VOCAB, fixture_dir, step_records, updates_logged
 
 from megatron_qwen.checkpoint import layout
+from megatron_qwen.config import parse_config
+from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.platform.distributed import free_port
+from megatron_qwen.train import packaged_recipe
 
 pytestmark = pytest.mark.slow  # the launch script under torchrun and a stand-in SLURM
 
@@ -166,3 +171,25 @@ def test_two_nodes_under_torchrun_train_as_one_data_parallel_job(setting, tmp_pa
     assert "iteration" not in node1["stdout"]  # rank 0, on node 0, logs for both
     assert node0["iterations"] == [1, 2]
     assert layout.list_iterations(tmp_path / "save") == [2]
+
+
+def test_moe_script_passes_its_recipe_with_a_layout_for_two_nodes_of_eight(tmp_path):
+    record = tmp_path / "argv"
+    command = tmp_path / "megatron-qwen"  # records the flags instead of training
+    command.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n')
+    command.chmod(0o755)
+    srun_task = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "MEGATRON_QWEN": str(command), "DATA": "data/chat",
+                 "PRETRAINED": "converted", "SAVE_DIR": str(tmp_path / "save")}
+    subprocess.run(["bash", "examples/sft_qwen3_30b_a3b.sh", "--train-steps", "2000"], cwd=REPO, check=True,
+                   env={**worker_env(), **srun_task})
+    command_line = record.read_text().splitlines()
+    assert command_line[0] == "train"
+    config = parse_config(packaged_recipe(command_line[1:]))
+    config.check_model(PRESETS[config.model.preset])
+    assert (config.model.preset, config.training.train_steps) == ("qwen3-30b-a3b", 2000)
+    assert (config.data.data_path, config.checkpoint.pretrained_checkpoint) == (["data/chat"], "converted")
+    parallel = config.parallel  # the layout the script's memory derivation is for
+    assert (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.expert_parallel) == (1, 2, 8)
+    assert config.data_parallel_size(16) == 8
+    with pytest.raises(ValueError, match=r"world size 8 is not a multiple of expert-TP x EP x PP = 16"):
+        config.data_parallel_size(8)  # one node is too small (the derivation says why)

@@ -1,5 +1,6 @@
 """tools/gpu_check.sh, the one prepared command of a session with a GPU, in its CPU dry run: the kernel check sees one
-fused (not math) SDPA call per packed document, the benchmark runs ours and the peer on the same rows, and a run
+fused (not math) SDPA call per packed document, the benchmark runs ours and the peer on the same rows (a dense
+model, and a mixture of experts cut to one layer), and a run
 resumed from its iteration-2 checkpoint repeats the uninterrupted run's update 3; its trainer runs use the kernel
 fusions a GPU would (``--kernel-fusions``: the suite's 1-process CPU run with them)."""
 import json
@@ -33,12 +34,18 @@ def test_the_kernel_check_records_one_fused_call_per_document(dry_run):
     assert all(ms > 0 for ms in kernels["ms_per_layer_forward_backward"].values())
 
 
-def test_the_benchmark_trains_ours_and_the_peer_on_the_same_tokens(dry_run):
-    benchmark = dry_run[0]["benchmark"]
+@pytest.mark.parametrize("part, preset, layers", [("benchmark", "tiny", 4), ("benchmark_moe", "tiny-moe", 1)])
+def test_the_benchmark_trains_ours_and_the_peer_on_the_same_tokens(dry_run, part, preset, layers):
+    results, log = dry_run
+    benchmark = results[part]
+    assert (benchmark["preset"], benchmark["num_layers"]) == (preset, layers)
     ours, peer = benchmark["rows"]
     assert (ours["row"], peer["row"]) == ("ours", "peer")
     assert ours["tokens"] == peer["tokens"] > 0
+    assert ours["supervised_tokens"] == peer["supervised_tokens"] > 0
     assert benchmark["ours_over_peer_tokens_per_s"] > 0
+    if layers == 1:  # the trainer's start line names the model it built: the preset cut to one layer
+        assert f"model {preset}-1-layers;" in log
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_update_with_the_kernel_fusions(dry_run):
