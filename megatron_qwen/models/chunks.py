@@ -104,7 +104,21 @@ def build_chunks(model: QwenConfig, settings: ModelSettings, parallel: ParallelS
     ]
     if torch.cuda.is_available():
         chunks = [chunk.cuda() for chunk in chunks]
+    for chunk in chunks:
+        _mark_expert_parameters(chunk)
     return chunks
+
+
+def _mark_expert_parameters(chunk) -> None:
+    """Routed experts' parameters as expert-parallel ones at every EP size. megatron-core marks them so only at EP
+    above 1 (``allreduce=False``), which decides both their data-parallel group and the optimizer's parts: at EP 1
+    the optimizer would be one part instead of two (dense, experts), whose checkpoint names differ, so a run could
+    not resume at another EP size; and the experts' gradients would be reduced over the dense data-parallel group,
+    which is not theirs when expert-TP differs from TP."""
+    for module in chunk.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False
 
 
 
