@@ -8,7 +8,9 @@ A packed micro-batch of several rows is one THD sequence whose ``cu_seqlens`` ho
 
 Host synchronisations: an update waits for the GPU once for the gradient norm (megatron's clipping), once for
 the loss and its supervised-token count (one tensor) and once for the preemption flag (``interrupts.py``); the
-other counts of the log are known on the host from the rows (``BatchSource.counts``).
+other counts of the log are known on the host from the rows (``BatchSource.counts``). A mixture of experts' routers
+get each micro-batch's supervised and non-padding counts from the host too (``models/router.py``); their load is
+read once per log interval (``Trainer.router_statistics``).
 """
 from __future__ import annotations
 
