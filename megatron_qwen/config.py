@@ -319,6 +319,14 @@ def _model_problems(config: RunConfig, model):
     yield model.is_moe and parallel.tensor_parallel > 1 and not parallel.sequence_parallel and (
         "megatron-core trains mixture-of-experts layers at --tensor-parallel above 1 only with sequence parallelism"
     ), "sequence_parallel"
+    per_stage = model.num_layers // stages if not model.num_layers % stages else 0
+    dense_stage = model.is_moe and stages > 1 and per_stage and next(
+        (stage for stage in range(stages)
+         if not any(model.is_moe_layer(layer) for layer in range(stage * per_stage, (stage + 1) * per_stage))), None)
+    yield dense_stage is not None and dense_stage is not False and (
+        f"stage {dense_stage} of {stages} would hold none of {model.name}'s mixture-of-experts layers: its ranks' "
+        "optimizer would then have no expert part, unlike the others' (megatron-core's collectives then mismatch)"
+    ), "pipeline_parallel"
     for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_token_dispatcher_type"):
         section = config.parallel if name == "moe_token_dispatcher_type" else config.model
         yield not model.is_moe and getattr(section, name) and f"{model.name} has no experts", name

@@ -103,18 +103,18 @@ def routers(chunks: list) -> list[QwenRouter]:
     return [module for chunk in chunks for module in chunk.modules() if isinstance(module, QwenRouter)]
 
 
-def router_statistics(chunks: list, num_layers: int, supervised_tokens: int) -> dict[str, list] | None:
-    """Each MoE layer's load and router losses since the last call, over every rank (one all-reduce; collective,
-    every rank calls it): ``layers`` (numbered from 0), ``load_max_over_mean`` (the most tokens any expert received
-    over the mean per expert: 1 when balanced, E / k when every token goes to the same k experts),
-    ``load_min_over_mean``, and, when they are on, ``aux_loss`` and ``z_loss`` (per supervised token, before their
-    coefficients; ``supervised_tokens``: the S of the updates since the last call). ``None`` for a dense model."""
-    found = routers(chunks)
-    if not found:
-        return None
-    experts = found[0].config.num_moe_experts
-    table = torch.zeros(num_layers, experts + 3, dtype=torch.float64, device=found[0].weight.device)
-    for router in found:
+def router_statistics(chunks: list, supervised_tokens: int) -> dict[str, list]:
+    """Each MoE layer's load and router losses since the last call, over every rank (one all-reduce; collective: every
+    rank of a mixture of experts calls it, pipeline stages without a sparse layer too): ``layers`` (numbered from 0),
+    ``load_max_over_mean`` (the most tokens any expert received over the mean per expert: 1 when balanced, E / k when
+    every token goes to the same k experts), ``load_min_over_mean``, and, when they are on, ``aux_loss`` and
+    ``z_loss`` (per supervised token, before their coefficients; ``supervised_tokens``: the S of the updates since
+    the last call)."""
+    config = chunks[0].config
+    experts = config.num_moe_experts
+    device = next(chunks[0].parameters()).device
+    table = torch.zeros(config.num_layers, experts + 3, dtype=torch.float64, device=device)
+    for router in routers(chunks):
         row = table[router.layer_number - 1]
         row[:experts] = router.tokens_per_expert
         row[experts], row[experts + 1], row[experts + 2] = router.aux_sum, router.z_sum, 1.0
@@ -123,7 +123,6 @@ def router_statistics(chunks: list, num_layers: int, supervised_tokens: int) -> 
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(table)
     rows = [(layer, values) for layer, values in enumerate(table.tolist()) if values[experts + 2]]
-    config = found[0].config
     statistics = {"layers": [layer for layer, _ in rows]}
     loads = [values[:experts] for _, values in rows]
     means = [sum(load) / experts for load in loads]

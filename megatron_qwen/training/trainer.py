@@ -338,7 +338,7 @@ class Trainer:
         self.interval_supervised_tokens += result.supervised_tokens
         if not self.model.is_moe or self.iteration % self.config.training.log_interval:
             return None
-        statistics = router_statistics(self.chunks, self.model.num_layers, self.interval_supervised_tokens)
+        statistics = router_statistics(self.chunks, self.interval_supervised_tokens)
         self.interval_supervised_tokens = 0
         return statistics
 

@@ -1,7 +1,8 @@
 """The trainer on a mixture of experts (the tiny-moe test model, 2 CPU processes at expert-parallel size 2 with the
 distributed optimizer, the load-balancing and z losses on): stop-and-resume is bit-exact with dropout; a resume at
 expert-parallel size 1 continues within float32 tolerance; the allgather token dispatcher trains as the alltoall one
-does; every log interval records each MoE layer's expert load and router losses. All runs share one torchrun
+does; full activation recomputation (routers run again in the backward pass) changes nothing;
+every log interval records each MoE layer's expert load and router losses. All runs share one torchrun
 launch (tests/workers/trainer_runs.py); a resumed run's reference is the same run uninterrupted.
 """
 import pytest
@@ -36,6 +37,8 @@ def runs(tmp_path_factory):
         run("resumed", save_dir="stopped", dropout=0.1),
         run("full_no_dropout"),
         run("allgather", moe_token_dispatcher_type="allgather"),
+        # with full recomputation the routers run again in the backward pass
+        run("recomputed", recompute="full"),
         run("stopped_no_dropout", env={SIGTERM_AT: STOP}),
         run("resumed_at_ep1", save_dir="stopped_no_dropout", expert_parallel=1),
     ]
@@ -69,6 +72,17 @@ def test_the_allgather_dispatcher_trains_as_alltoall_does(runs):
     alltoall, allgather = step_records(work / "full_no_dropout"), step_records(work / "allgather")
     for key in ("loss", "grad_norm"):
         assert [record[key] for record in allgather] == pytest.approx([record[key] for record in alltoall], rel=1e-6)
+
+
+def test_full_recomputation_weighs_the_router_losses_as_without(runs):
+    results, work = runs
+    assert results["recomputed"]["ended"] == "done"
+    plain, recomputed = step_records(work / "full_no_dropout"), step_records(work / "recomputed")
+    for key in ("loss", "grad_norm"):
+        assert [record[key] for record in recomputed] == pytest.approx([record[key] for record in plain], rel=1e-6)
+    for got, expected in zip(recomputed[1::2], plain[1::2]):
+        for name in ("load_max_over_mean", "aux_loss", "z_loss"):
+            assert got["moe"][name] == pytest.approx(expected["moe"][name], rel=1e-6)
 
 
 def test_each_log_interval_records_the_routers_of_each_moe_layer(runs):
