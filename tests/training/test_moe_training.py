@@ -56,30 +56,29 @@ def test_a_stopped_run_resumes_bit_exactly(runs):
         assert [record[key] for record in resumed] == [record[key] for record in full]
 
 
-def test_a_resume_at_another_expert_parallel_size_continues_the_run(runs):
+def updates_of(runs, name, save_dir=None, reference="full_no_dropout", rel=1e-6):
+    """The update records of run ``name`` (which must have finished; in ``save_dir``, by default its name) and of
+    ``reference``, after checking that their losses and gradient norms agree within ``rel``."""
     results, work = runs
-    assert results["resumed_at_ep1"]["ended"] == "done"
-    full, resumed = step_records(work / "full_no_dropout"), step_records(work / "stopped_no_dropout")
+    assert results[name]["ended"] == "done"
+    records, expected = step_records(work / (save_dir or name)), step_records(work / reference)
+    for key in ("loss", "grad_norm"):
+        assert [record[key] for record in records] == pytest.approx([record[key] for record in expected], rel=rel)
+    return records, expected
+
+
+def test_a_resume_at_another_expert_parallel_size_continues_the_run(runs):
+    _, full = updates_of(runs, "resumed_at_ep1", save_dir="stopped_no_dropout", rel=1e-5)
     # the updates after the stop differ from those before by far more than the tolerance
     assert abs(full[STOP]["loss"] - full[STOP - 1]["loss"]) > 1e-3
-    for key in ("loss", "grad_norm"):
-        assert [record[key] for record in resumed] == pytest.approx([record[key] for record in full], rel=1e-5)
 
 
 def test_the_allgather_dispatcher_trains_as_alltoall_does(runs):
-    results, work = runs
-    assert results["allgather"]["ended"] == "done"
-    alltoall, allgather = step_records(work / "full_no_dropout"), step_records(work / "allgather")
-    for key in ("loss", "grad_norm"):
-        assert [record[key] for record in allgather] == pytest.approx([record[key] for record in alltoall], rel=1e-6)
+    updates_of(runs, "allgather")
 
 
 def test_full_recomputation_weighs_the_router_losses_as_without(runs):
-    results, work = runs
-    assert results["recomputed"]["ended"] == "done"
-    plain, recomputed = step_records(work / "full_no_dropout"), step_records(work / "recomputed")
-    for key in ("loss", "grad_norm"):
-        assert [record[key] for record in recomputed] == pytest.approx([record[key] for record in plain], rel=1e-6)
+    recomputed, plain = updates_of(runs, "recomputed")
     for got, expected in zip(recomputed[1::2], plain[1::2]):
         for name in ("load_max_over_mean", "aux_loss", "z_loss"):
             assert got["moe"][name] == pytest.approx(expected["moe"][name], rel=1e-6)
