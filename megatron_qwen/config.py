@@ -75,6 +75,14 @@ class ModelSettings:
         "torch.compile'd SwiGLU, bias-dropout-add and RoPE; none: on GPUs where a start-up probe compiles, off on "
         "the CPU",
     )
+    moe_aux_loss_coeff: float = setting(
+        0.0, "mixture of experts: weight of the load-balancing loss per MoE layer, per supervised token "
+        "(docs/training.md; 0: none, as a transformers finetune of the published configs)", AT_LEAST_0
+    )
+    moe_z_loss_coeff: Optional[float] = setting(
+        None, "mixture of experts: weight of the router z-loss per MoE layer, per supervised token (none: off)",
+        ABOVE_0
+    )
 
 
 @dataclasses.dataclass
@@ -86,6 +94,10 @@ class ParallelSettings:
                                    AT_LEAST_1)
     expert_tensor_parallel: Optional[int] = setting(
         None, "tensor-parallel size inside each expert (none: --tensor-parallel)", AT_LEAST_1
+    )
+    moe_token_dispatcher_type: Optional[Literal["alltoall", "allgather"]] = setting(
+        None, "how tokens reach the experts of a mixture of experts (none: alltoall, or allgather where gloo "
+        "cannot run alltoall: expert-TP and EP both above 1)"
     )
     sequence_parallel: bool = setting(False, "sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
@@ -307,6 +319,17 @@ def _model_problems(config: RunConfig, model):
     yield model.is_moe and parallel.tensor_parallel > 1 and not parallel.sequence_parallel and (
         "megatron-core trains mixture-of-experts layers at --tensor-parallel above 1 only with sequence parallelism"
     ), "sequence_parallel"
+    per_stage = model.num_layers // stages if not model.num_layers % stages else 0
+    dense_stage = model.is_moe and stages > 1 and per_stage and next(
+        (stage for stage in range(stages)
+         if not any(model.is_moe_layer(layer) for layer in range(stage * per_stage, (stage + 1) * per_stage))), None)
+    yield dense_stage is not None and dense_stage is not False and (
+        f"stage {dense_stage} of {stages} would hold none of {model.name}'s mixture-of-experts layers: its ranks' "
+        "optimizer would then have no expert part, unlike the others' (megatron-core's collectives then mismatch)"
+    ), "pipeline_parallel"
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_token_dispatcher_type"):
+        section = config.parallel if name == "moe_token_dispatcher_type" else config.model
+        yield not model.is_moe and getattr(section, name) and f"{model.name} has no experts", name
 
 
 def expert_parallel_problems(model, tensor_parallel: int, expert_parallel: int, expert_tensor_parallel: int | None):

@@ -187,6 +187,10 @@ def test_a_run_that_does_not_fit_the_model_names_the_flag(flags, message):
         ("tiny-moe", ["--expert-tensor-parallel", "3"],
          r"--expert-tensor-parallel: tiny-moe's experts' FFN of 32 does not split evenly over 3 ranks"),
         ("tiny-moe", ["--tensor-parallel", "2"], r"--sequence-parallel: megatron-core trains mixture-of-experts"),
+        ("tiny", ["--moe-aux-loss-coeff", "0.01"], r"--moe-aux-loss-coeff: tiny has no experts"),
+        ("tiny-moe", ["--pipeline-parallel", "2"], r"--pipeline-parallel: stage 1 of 2 would hold none of tiny-moe's"),
+        ("tiny", ["--moe-z-loss-coeff", "0.001"], r"--moe-z-loss-coeff: tiny has no experts"),
+        ("tiny", ["--moe-token-dispatcher-type", "alltoall"], r"--moe-token-dispatcher-type: tiny has no experts"),
     ],
 )
 def test_an_expert_layout_that_does_not_fit_the_model_names_the_flag(preset, flags, message):

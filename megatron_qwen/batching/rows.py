@@ -50,6 +50,7 @@ class MicroBatch:
     tokens: torch.Tensor  # [b, s] int64 model input
     labels: torch.Tensor  # [b, s] int64
     loss_mask: torch.Tensor  # [b, s] float32, 1 on supervised positions
+    padding_mask: torch.Tensor  # [b, s] bool, True on padding positions (a mixture of experts' routers skip them)
     position_ids: torch.Tensor  # [b, s] int64
     cu_seqlens: torch.Tensor | None  # [segments + 1] int32, packed only
     max_seqlen: int | None  # longest segment, packed only
@@ -219,10 +220,11 @@ def collate(
     pad_token_id: int,
 ) -> MicroBatch:
     """The micro-batch of ``rows`` (see the module docstring for the two layouts)."""
-    tokens, labels, loss_mask, positions, segment_lengths = [], [], [], [], []
+    tokens, labels, loss_mask, padding, positions, segment_lengths = [], [], [], [], [], []
     for row in rows:
         segments = _segments(row, datasets)
         used = sum(len(segment[0]) for segment in segments)
+        padding += [np.zeros(used, dtype=bool), np.ones(seq_length - used, dtype=bool)]
         if used < seq_length:
             segments.append(_padding(seq_length - used, pad_token_id))
         for segment_tokens, segment_labels, segment_mask in segments:
@@ -240,6 +242,7 @@ def collate(
         tokens=as_batch(tokens),
         labels=as_batch(labels),
         loss_mask=as_batch(loss_mask),
+        padding_mask=as_batch(padding),
         position_ids=as_batch(positions).to(torch.int64),
         cu_seqlens=torch.tensor(np.cumsum([0] + segment_lengths), dtype=torch.int32) if packed else None,
         max_seqlen=int(max(segment_lengths)) if packed else None,

@@ -11,7 +11,8 @@ Mixtures of experts (``presets`` module docstring) use megatron-core's MoE layer
 per token; Qwen3-MoE's routing (softmax over all experts, top-k, renormalized) is megatron's default, Qwen2-MoE's
 (softmax over all experts, top-k, not renormalized) is ``moe_router_pre_softmax``; Qwen2-MoE's shared expert has
 megatron's sigmoid gate (``moe_shared_expert_gate``). Tokens go to the experts with megatron's ``allgather``
-dispatcher unless an override names another; no token is ever dropped (no capacity factor).
+dispatcher unless an override names another (the trainer's choice: ``models/chunks.py``); no token is ever dropped
+(no capacity factor).
 
 Embedding rows: Qwen's published row counts (151936, 152064) are multiples of 128, so every
 power-of-two TP size divides them and they are kept as they are; the softmax then runs over the

@@ -9,7 +9,8 @@ linear layers' names), so a checkpoint saved with one loads with the other.
 
 Mixture-of-experts layers are megatron-core's ``MoELayer`` from the same spec functions: experts as
 ``SequentialMLP`` (one local MLP per expert) in the local spec, as Transformer Engine's grouped linear
-(``TEGroupedMLP``) in the TE spec, with megatron's router and shared expert. Their pre-MLP norm stays a module of
+(``TEGroupedMLP``) in the TE spec, with megatron's shared expert and router (``models/router.py``: its losses
+weighted per supervised token, its load counted). Their pre-MLP norm stays a module of
 its own in both (there is no single linear layer to fuse it into). Which layers are sparse follows
 ``TransformerConfig.moe_layer_freq`` (a 0/1 list per layer, ``models/build.py``).
 """
@@ -23,6 +24,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_qwen.models.local_modules import RMSNorm, SDPAttention, StandaloneRMSNorm
+from megatron_qwen.models.router import QwenRouter
 
 LAYER_IMPLS = ("local", "te")
 
@@ -47,6 +49,7 @@ def local_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None)
     if num_experts:  # a module of its own, named as TE's MoE layer names it (module docstring)
         del spec.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."]
         spec.submodules.pre_mlp_layernorm = StandaloneRMSNorm
+        spec.submodules.mlp.submodules.router = QwenRouter
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = SDPAttention
     if qk_layernorm:
@@ -57,9 +60,12 @@ def local_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None)
 def te_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
     if not transformer_engine_available():
         raise RuntimeError("layer_impl='te' needs Transformer Engine, which does not import here; use 'local'")
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         num_experts=num_experts, moe_grouped_gemm=bool(num_experts), qk_layernorm=qk_layernorm
     )
+    if num_experts:
+        spec.submodules.mlp.submodules.router = QwenRouter
+    return spec
 
 
 def decoder_spec(

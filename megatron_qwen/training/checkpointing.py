@@ -221,6 +221,12 @@ def read_trainer_state(iteration_dir: Path) -> dict:
     return state
 
 
+def saved_layout(layout_saved: dict) -> dict:
+    """The layout an iteration records, with what iterations written before expert parallelism leave out: they ran
+    without it (EP 1, experts' TP the TP size)."""
+    return {"expert_parallel": 1, "expert_tensor_parallel": layout_saved.get("tensor_parallel"), **layout_saved}
+
+
 def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict) -> tuple[dict, str]:
     """Model, optimizer and (at the same layout, on the same kind of device) RNG states; returns the trainer state
     to restore the rest, and what became of the RNG states (for the start line)."""
@@ -229,7 +235,7 @@ def load_resume(ddp_chunks: list, optimizer, start: StartPoint, layout_now: dict
     check_shapes(requested, start.iteration_dir, start.flag)
     full_request = dict(requested)
     full_request[OPTIMIZER_KEY] = optimizer_state.sharded_state_dict(optimizer, requested, is_loading=True)
-    same_layout = trainer_state["layout"] == layout_now
+    same_layout = saved_layout(trainer_state["layout"]) == layout_now
     if same_layout:
         full_request[rng.KEY] = rng.sharded_object()
     loaded = _load(full_request, start.iteration_dir, start.flag)

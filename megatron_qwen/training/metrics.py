@@ -5,7 +5,11 @@ What each figure is, wherever it appears: ``loss``, ``grad_norm``, ``lr`` are th
 record, the scalars ``train/loss``, ``train/grad_norm``, ``train/lr`` at every update, and the log line when it
 covers one update); the log line of an interval of several updates gives their ``mean loss`` and the last update's
 gradient norm and learning rate. Throughput, FLOPs and memory are over the log interval (``throughput/...``,
-``memory/...``); validation losses are ``validation/loss[/NAME]`` (metrics.jsonl: ``validation_loss[/NAME]``).
+``memory/...``); validation losses are ``validation/loss[/NAME]`` (metrics.jsonl: ``validation_loss[/NAME]``). A
+mixture of experts' routers (``models/router.py``: ``router_statistics``) are reported once per log interval, over
+its updates: each MoE layer's expert load (most and fewest tokens any expert received over the mean) and, when on,
+its load-balancing and z losses per supervised token, before their coefficients (``moe/...`` per layer; metrics.jsonl:
+``moe`` in the interval's last record; the log line: the worst layer's load and the losses summed over layers).
 
 Throughput is per GPU (per process): tokens are the non-padding positions of the global batch, supervised
 tokens those with a loss. Model FLOPs come from ``training/flops.py`` (the one formula shared with the
@@ -76,6 +80,31 @@ def _wandb_run(config: RunConfig, directory: str | None):
                       name=Path(save_dir).name if save_dir else None)
 
 
+ROUTER_LOSSES = ("aux_loss", "z_loss")
+
+
+def _router_scalars(routers: dict) -> dict:
+    """TensorBoard's ``moe/`` group: per layer, and the worst load and the summed losses over layers."""
+    values = {}
+    for name in ("load_max_over_mean", "load_min_over_mean", *ROUTER_LOSSES):
+        for layer, value in zip(routers["layers"], routers.get(name, [])):
+            values[f"moe/{name}/layer_{layer}"] = value
+    values["moe/load_max_over_mean"] = max(routers["load_max_over_mean"])
+    values.update({f"moe/{name}": sum(routers[name]) for name in ROUTER_LOSSES if name in routers})
+    return values
+
+
+def _router_text(routers: dict | None) -> str:
+    """The log line's part on the routers: the most loaded layer, and each router loss summed over layers."""
+    if routers is None:
+        return ""
+    loads = routers["load_max_over_mean"]
+    worst = max(range(len(loads)), key=loads.__getitem__)
+    text = f"expert load max/mean {loads[worst]:.2f} (layer {routers['layers'][worst]}) | "
+    return text + "".join(f"{name.replace('_', ' ')} {sum(routers[name]):.4f} | "
+                          for name in ROUTER_LOSSES if name in routers)
+
+
 class Reporter:
     def __init__(self, model, config: RunConfig, *, world_size: int, writes: bool, train_steps: int,
                  resumed_at: int | None):
@@ -109,10 +138,13 @@ class Reporter:
                 self.problem = f"--wandb-project {config.training.wandb_project}: W&B did not start ({error})"
         self._interval = []
 
-    def step(self, iteration: int, result, seconds: float, epochs: list[float]) -> None:
+    def step(self, iteration: int, result, seconds: float, epochs: list[float], routers: dict | None = None) -> None:
         """Records update ``iteration``, after which ``epochs`` of each dataset have been drawn; prints a line every
-        ``log_interval`` updates."""
+        ``log_interval`` updates. ``routers``: a mixture of experts' router statistics over the log interval, at its
+        end."""
         record = {"iteration": iteration, **vars(result), "seconds": seconds, "epochs": epochs}
+        if routers is not None:
+            record["moe"] = routers
         self._interval.append(record)
         if self.records is not None:
             self.records.write(json.dumps(record) + "\n")
@@ -123,11 +155,13 @@ class Reporter:
             **{f"train/epoch{name}": epoch for name, epoch in zip(names, epochs)},
             **{f"batch/{name}": record[name] for name in ("conversations", "rows", "tokens", "supervised_tokens")},
         })
+        if routers is not None:
+            self.scalars(iteration, _router_scalars(routers))
         if iteration % self.log_interval == 0:
-            self._line(iteration)
+            self._line(iteration, routers)
             self._interval = []
 
-    def _line(self, iteration: int) -> None:
+    def _line(self, iteration: int, routers: dict | None) -> None:
         records, last = self._interval, self._interval[-1]
         seconds = sum(record["seconds"] for record in records)
         per_gpu = lambda count: count / seconds / self.world_size  # noqa: E731
@@ -151,7 +185,7 @@ class Reporter:
             f"tokens/s/GPU {interval['throughput/tokens_per_s_per_gpu']:.1f} | "
             f"supervised tokens/s/GPU {interval['throughput/supervised_tokens_per_s_per_gpu']:.1f} | "
             f"TFLOP/s/GPU {interval['throughput/tflops_per_gpu']:.3f} | MFU {100 * interval['throughput/mfu']:.2f}% | "
-            f"peak memory {interval['memory/peak_gib']:.2f} GiB | "
+            f"peak memory {interval['memory/peak_gib']:.2f} GiB | {_router_text(routers)}"
             f"remaining {_duration((self.train_steps - iteration) * seconds / len(records))}"
         )
         self.scalars(iteration, interval)

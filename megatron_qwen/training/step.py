@@ -8,18 +8,22 @@ A packed micro-batch of several rows is one THD sequence whose ``cu_seqlens`` ho
 
 Host synchronisations: an update waits for the GPU once for the gradient norm (megatron's clipping), once for
 the loss and its supervised-token count (one tensor) and once for the preemption flag (``interrupts.py``); the
-other counts of the log are known on the host from the rows (``BatchSource.counts``).
+other counts of the log are known on the host from the rows (``BatchSource.counts``). A mixture of experts' routers
+get each micro-batch's supervised and non-padding counts from the host too (``models/router.py``); their load is
+read once per log interval (``Trainer.router_statistics``).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_qwen.batching.rows import MicroBatch, ScheduleShape
 from megatron_qwen.batching.source import UpdateBatch
+from megatron_qwen.models.router import micro_batch_tokens
 from megatron_qwen.models.spec import default_layer_impl
 from megatron_qwen.training.loss import global_batch_totals, make_loss_func
 
@@ -50,15 +54,38 @@ def _on_device(batch: MicroBatch) -> MicroBatch:
     return dataclasses.replace(batch, **moved)
 
 
+def _routing_padding_mask(batch: MicroBatch, model) -> torch.Tensor | None:
+    """For a mixture of experts: the micro-batch's counts for its routers' losses (``models/router.py``), and the
+    padding positions its routers leave out of their losses and load, as this stage's layers see the sequence.
+    ``None`` for a dense model, and for an all-padding micro-batch (whose router losses then weigh nothing: megatron's
+    load-balancing loss over no token would divide by zero)."""
+    config = get_attr_wrapped_model(model, "config")
+    if not config.num_moe_experts:
+        return None
+    real = int((~batch.padding_mask).sum())
+    micro_batch_tokens(int(batch.loss_mask.sum()), real)
+    if not real:
+        return None
+    mask = batch.padding_mask.to(device(), non_blocking=True)
+    if config.sequence_parallel and not get_attr_wrapped_model(model, "pre_process"):
+        # GPTModel splits the mask into sequence-parallel shards on the first stage only
+        mask = tensor_parallel.scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous())
+        mask = mask.transpose(0, 1).contiguous()
+    return mask
+
+
 def forward_step(data_iterator, model):
     """megatron's ``forward_step_func``: per-token losses on the last stage, hidden states elsewhere."""
-    batch = _on_device(next(data_iterator))
+    batch = next(data_iterator)
+    padding_mask = _routing_padding_mask(batch, model)
+    batch = _on_device(batch)
     output = model(
         batch.tokens,
         batch.position_ids,
         None,
         labels=batch.labels,
         packed_seq_params=batch.packed_seq_params(),
+        padding_mask=padding_mask,
     )
     return output, make_loss_func(batch.loss_mask)
 

@@ -23,8 +23,9 @@ from megatron_qwen.batching.source import BatchSource, DataParallelShare, ceil_p
 from megatron_qwen.checkpoint import layout
 from megatron_qwen.config import RunConfig
 from megatron_qwen.data.tokenizer import load_tokenizer
-from megatron_qwen.models.chunks import build_chunks, fusions_in_use, kernel_fusions
+from megatron_qwen.models.chunks import build_chunks, fusions_in_use, kernel_fusions, token_dispatcher
 from megatron_qwen.models.presets import PRESETS
+from megatron_qwen.models.router import router_statistics
 from megatron_qwen.platform import distributed, faults
 from megatron_qwen.platform.fallbacks import fallback_note
 from megatron_qwen.platform.log import Phases, stamped
@@ -76,6 +77,8 @@ class Trainer:
                 tensor_parallel=parallel.tensor_parallel,
                 pipeline_parallel=parallel.pipeline_parallel,
                 virtual_pipeline_parallel=parallel.virtual_pipeline,
+                expert_parallel=parallel.expert_parallel,
+                expert_tensor_parallel=parallel.expert_tensor_parallel,
                 seed=training.seed,
                 timeout_minutes=parallel.distributed_timeout_minutes,
             )
@@ -123,6 +126,7 @@ class Trainer:
         )
         self.phases.end("optimizer build")
         self.iteration = 0
+        self.interval_supervised_tokens = 0  # of the log interval so far (router_statistics)
         rng_outcome = None
         if self.start.kind == "resume":
             state, rng_outcome = checkpointing.load_resume(self.chunks, self.optimizer, self.start,
@@ -144,6 +148,7 @@ class Trainer:
             f"row(s), {num_micro_batches or 'as many as the packed rows need'} per data-parallel rank and update; "
             f"kernel fusions {fusions_reason}, in use: {', '.join(fusions_in_use(self.chunks)) or 'none'}; "
             f"{fallback_note()}; "
+            f"{self.experts_plan()}"
             f"{self.length_plan()}; "
             f"{self.validation_plan()}"
             f"{'' if config.checkpoint.save_dir else f'; no --save-dir: no checkpoints{self.metrics_plan()}'}"
@@ -218,6 +223,19 @@ class Trainer:
             "training conversations"
         )
 
+    def experts_plan(self) -> str:
+        """For a mixture of experts, the start line's part on its experts: layout, dispatcher, router losses."""
+        if not self.model.is_moe:
+            return ""
+        parallel, settings = self.config.parallel, self.config.model
+        dispatcher, why = token_dispatcher(parallel.moe_token_dispatcher_type)
+        layout = self.parallel_layout()
+        z_loss = settings.moe_z_loss_coeff
+        return (f"experts: EP {layout['expert_parallel']}, expert-TP {layout['expert_tensor_parallel']}, token "
+                f"dispatcher {dispatcher} ({why}), no token dropping, load-balancing loss coefficient "
+                f"{settings.moe_aux_loss_coeff}{f', z-loss coefficient {z_loss}' if z_loss else ''} per supervised "
+                "token; ")
+
     def validation_plan(self) -> str:
         interval, sets = self.config.training.eval_interval, self.batches.valid_sets
         if not interval or not sets:
@@ -251,12 +269,16 @@ class Trainer:
         return run_config.write(save_dir, record)
 
     def parallel_layout(self) -> dict:
+        """The layout an iteration records (``trainer_state.json``); RNG states are restored only at the same one
+        (``checkpointing.saved_layout`` completes those written before the expert entries)."""
         parallel = self.config.parallel
         return {
             "tensor_parallel": parallel.tensor_parallel,
             "pipeline_parallel": parallel.pipeline_parallel,
             "virtual_pipeline": parallel.virtual_pipeline,
             "data_parallel": parallel_state.get_data_parallel_world_size(),
+            "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel": parallel_state.get_expert_tensor_parallel_world_size(),
         }
 
     def save(self) -> None:
@@ -288,7 +310,8 @@ class Trainer:
             started = time.perf_counter()
             with faults.nan_loss_at(self.iteration, self.chunks):
                 result = train_step(self.chunks, self.optimizer, self.scheduler, batch, self.batches.shape)
-            self.reporter.step(self.iteration, result, time.perf_counter() - started, self.batches.epochs())
+            seconds = time.perf_counter() - started
+            self.reporter.step(self.iteration, result, seconds, self.batches.epochs(), self.router_statistics(result))
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 raise TrainingDiverged(
                     f"iteration {self.iteration}: loss {result.loss}, gradient norm {result.grad_norm}; stopping "
@@ -308,6 +331,16 @@ class Trainer:
                 self.save()
                 clock.reset()
         return "done"
+
+    def router_statistics(self, result) -> dict | None:
+        """At the end of a log interval, a mixture of experts' router load and losses over the interval (collective,
+        one all-reduce); ``None`` otherwise and for a dense model."""
+        self.interval_supervised_tokens += result.supervised_tokens
+        if not self.model.is_moe or self.iteration % self.config.training.log_interval:
+            return None
+        statistics = router_statistics(self.chunks, self.interval_supervised_tokens)
+        self.interval_supervised_tokens = 0
+        return statistics
 
     def _release(self) -> None:
         """Gives back what the run holds beyond its objects: the save directory's lock and, when the trainer

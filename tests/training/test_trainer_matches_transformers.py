@@ -1,11 +1,15 @@
 """The whole finetuning path against ``transformers``: on a converted Hugging Face model the trainer's updates
 have the losses, gradient norms and AdamW steps that ``transformers`` computes on the same conversations.
 
-Four small random ``transformers`` models with Qwen's 151,936 embedding rows are converted with
+Small random ``transformers`` models with Qwen's 151,936 embedding rows are converted with
 ``convert_checkpoint.py hf-to-mcore``: a Qwen2 with tied embeddings (as Qwen2.5-0.5B to 3B) and one without,
 a Qwen3 (per-head query/key norms, no biases, ``head_dim`` 32 where ``hidden / heads`` is 16; tied), all saved
-by ``transformers`` with the Qwen2/3 ``tokenizer.json``, and a Qwen2 without grouped-query attention written in
-the first-generation layout (``QWenLMHeadModel``, as Qwen-14B) with ``qwen.tiktoken``. A handful of chat
+by ``transformers`` with the Qwen2/3 ``tokenizer.json``, a Qwen2 without grouped-query attention written in
+the first-generation layout (``QWenLMHeadModel``, as Qwen-14B) with ``qwen.tiktoken``, and three mixtures of
+experts (8 experts, 2 per token): a Qwen3-MoE at expert-parallel size 2 (data-parallel size 2: the second rank's
+micro-batch is an all-padding row), a Qwen2-MoE (gated shared expert, routing probabilities not renormalized) at
+TP 2 with sequence parallelism and EP 2 (expert-TP 1), both without the load-balancing loss, and a Qwen3-MoE with
+one sparse layer trained with it at EP 2. A handful of chat
 conversations (both input formats, multi-turn, a system turn, Chinese, code) go through
 ``tools/preprocess_chatml.py`` with each model's tokenizer, for Qwen3 with ``--system-prompt ''`` (Qwen3's own
 template adds no default system turn), which its exported chat template must follow. The trainer then takes
@@ -20,7 +24,9 @@ first-generation model too: ``qwen.tiktoken`` has the same BPE and ChatML ids); 
 tokens are found by scanning for assistant turns (each reply and the ``<|im_end|>`` closing it); the
 ``transformers`` model computes the mean loss over those tokens and its gradient norm, then takes a step of
 ``torch.optim.AdamW`` after clipping the norm to 1.0, with megatron's convention of no weight decay on
-biases and norm weights; three times. The trainer logs each update's loss and gradient norm before its step;
+biases and norm weights; three times. With the load-balancing loss, the reference minimizes the mean loss plus
+``AUX x`` the switch loss of docs/training.md, computed here from the ``transformers`` router logits of every
+position the trainer's packed row holds (its one micro-batch with supervised tokens: weight 1). The trainer logs each update's loss and gradient norm before its step;
 its final checkpoint, exported with ``convert_checkpoint.py mcore-to-hf``, holds the weights of the last step.
 """
 import copy
@@ -33,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers import run_python, run_torchrun
 from data_fixtures import IM_END, IM_START, NEWLINE, ROLE_IDS, chat, write_jsonl
-from hf_models import copy_tokenizer, random_qwen2, write_qwen1_checkpoint
+from hf_models import copy_tokenizer, random_moe, random_qwen2, write_qwen1_checkpoint
 from workers.trainer_common import run_args, run_plan, step_records
 
 pytestmark = pytest.mark.slow  # conversions, preprocessing and 2-process trainer runs
@@ -44,6 +50,7 @@ UPDATES = 3
 # that decaying biases and norm weights too (or nothing) changes the loss beyond the tolerance (the recipe's
 # 0.1 would not).
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-3, (0.9, 0.95), 1e-8, 20.0, 1.0
+AUX = 0.2  # the load-balancing loss's coefficient where it is on
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CONVERSATIONS = [
     chat(("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris.")),
@@ -66,7 +73,25 @@ MODELS = {
                              DEFAULT_SYSTEM),
     "qwen3_tp2_sp": (24, dict(kv_heads=2, tied=True, rope_theta=1e6, head_dim=32),
                      {"tensor_parallel": 2, "sequence_parallel": True}, ""),
+    # mixtures of experts (``moe``: the generation; random_moe's shapes)
+    "qwen3_moe_ep2": (25, dict(moe="qwen3_moe"), {"expert_parallel": 2}, ""),
+    "qwen2_moe_tp2_sp_ep2": (26, dict(moe="qwen2_moe"), {"tensor_parallel": 2, "sequence_parallel": True,
+                                                         "expert_parallel": 2, "expert_tensor_parallel": 1},
+                             DEFAULT_SYSTEM),
+    "qwen3_moe_aux_ep2": (27, dict(moe="qwen3_moe", dense_layers=(1,)),
+                          {"expert_parallel": 2, "moe_aux_loss_coeff": AUX}, ""),
 }
+MOE = [name for name, (_, shape, _, _) in MODELS.items() if "moe" in shape]
+
+
+def data_parallel_size(layout: dict) -> int:
+    return 2 // (layout.get("tensor_parallel", 1) * layout.get("pipeline_parallel", 1))
+
+
+def hf_model(seed: int, shape: dict):
+    if "moe" in shape:
+        return random_moe(seed, shape["moe"], layers=2, vocab=151936, dense_layers=shape.get("dense_layers", ()))
+    return random_qwen2(seed, layers=2, heads=4, vocab=151936, **shape)
 FIRST_GENERATION = "first_generation_tp2"
 
 
@@ -97,20 +122,41 @@ def reference_tokens(tokenizer, row: dict, system_prompt: str) -> tuple[list[int
     return ids, targets
 
 
-def masked_loss(model, examples) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over every supervised token of ``examples``, each conversation on its own."""
-    total, count = torch.zeros(()), 0
+def masked_loss(model, examples) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+    """Mean cross-entropy over every supervised token of ``examples``, each conversation on its own; and for a
+    mixture of experts, each sparse layer's router logits at every position the trainer's rows hold (a conversation
+    of n tokens takes n - 1: the last is only a label)."""
+    total, count, router_logits = torch.zeros(()), 0, []
     for ids, targets in examples:
-        logits = model(torch.tensor([ids])).logits[0, :-1]
+        output = model(torch.tensor([ids]), output_router_logits=hasattr(model.config, "num_experts_per_tok"))
+        logits = output.logits[0, :-1]
         supervised = torch.tensor(targets[1:])
         total = total + F.cross_entropy(logits[supervised], torch.tensor(ids[1:])[supervised], reduction="sum")
         count += int(supervised.sum())
-    return total / count, count
+        router_logits.append([layer[:-1] for layer in getattr(output, "router_logits", None) or ()])
+    return total / count, count, [torch.cat(layer) for layer in zip(*router_logits)]
 
 
-def reference_updates(model, examples) -> tuple[list[dict], dict]:
+def switch_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """docs/training.md's load-balancing loss of one layer over positions ``router_logits`` ``[T, E]``:
+    ``E / (k T^2) x sum_e count_e x sum_x p_e(x)``."""
+    probs = router_logits.softmax(dim=-1)
+    experts = probs.shape[1]
+    counts = torch.zeros(experts).index_add_(0, probs.topk(top_k, dim=-1).indices.reshape(-1),
+                                             torch.ones(probs.shape[0] * top_k))
+    return experts / (top_k * probs.shape[0] ** 2) * (counts * probs.sum(dim=0)).sum()
+
+
+def expert_load(router_logits: torch.Tensor, top_k: int) -> float:
+    """Most tokens any expert receives over the mean per expert."""
+    counts = torch.bincount(router_logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=router_logits.shape[1])
+    return (counts.max() / counts.float().mean()).item()
+
+
+def reference_updates(model, examples, aux: float = 0.0) -> tuple[list[dict], dict]:
     """Loss, gradient norm (before clipping) and supervised tokens of each of ``UPDATES`` clipped AdamW steps,
-    and the weights after the last one."""
+    and the weights after the last one; a mixture of experts' switch losses and expert loads per sparse layer, whose
+    sum times ``aux`` is added to the loss that is minimized."""
     model = copy.deepcopy(model).train()
     params = list(model.parameters())  # a tied embedding appears once
     no_decay = [p for name, p in model.named_parameters() if p.ndim == 1 or name.endswith(".bias")]
@@ -120,21 +166,24 @@ def reference_updates(model, examples) -> tuple[list[dict], dict]:
         lr=LR, betas=BETAS, eps=EPS,
     )
     records = []
+    top_k = getattr(model.config, "num_experts_per_tok", None)
     for _ in range(UPDATES):
         optimizer.zero_grad()
-        loss, count = masked_loss(model, examples)
-        loss.backward()
+        loss, count, router_logits = masked_loss(model, examples)
+        switch = [switch_loss(logits, top_k) for logits in router_logits]
+        (loss + aux * sum(switch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
         optimizer.step()
-        records.append({"loss": loss.item(), "grad_norm": grad_norm, "supervised_tokens": count})
+        records.append({"loss": loss.item(), "grad_norm": grad_norm, "supervised_tokens": count,
+                        "aux_loss": [value.item() for value in switch],
+                        "load_max_over_mean": [expert_load(logits, top_k) for logits in router_logits]})
     return records, {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matches_transformers")
-    models = {name: random_qwen2(seed, layers=2, heads=4, vocab=151936, **shape)
-              for name, (seed, shape, _, _) in MODELS.items()}
+    models = {name: hf_model(seed, shape) for name, (seed, shape, _, _) in MODELS.items()}
     commands = []
     for name, model in models.items():
         if name == FIRST_GENERATION:
@@ -170,8 +219,10 @@ def runs(tmp_path_factory):
     results = {}
     for name, (_, _, _, system_prompt) in MODELS.items():
         examples = [reference_tokens(tokenizer, row, system_prompt) for row in CONVERSATIONS]
-        reference, reference_weights = reference_updates(models[name], examples)
+        aux = MODELS[name][2].get("moe_aux_loss_coeff", 0.0)
+        reference, reference_weights = reference_updates(models[name], examples, aux)
         results[name] = {
+            "without_aux": reference_updates(models[name], examples)[0] if aux else None,
             "records": step_records(tmp / f"{name}_trained"),
             "reference": reference,
             "start_weights": models[name].state_dict(),
@@ -186,7 +237,8 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", MODELS)
 def test_first_update_has_the_loss_and_gradient_norm_of_transformers(runs, name):
     first, reference = runs[name]["records"][0], runs[name]["reference"][0]
-    assert first["iteration"] == 1 and first["conversations"] == len(CONVERSATIONS) and first["rows"] == 1
+    rows = data_parallel_size(MODELS[name][2])  # one packed row, and an all-padding one for each further DP rank
+    assert first["iteration"] == 1 and first["conversations"] == len(CONVERSATIONS) and first["rows"] == rows
     assert first["supervised_tokens"] == reference["supervised_tokens"]
     assert first["lr"] == pytest.approx(LR)
     assert first["loss"] == pytest.approx(reference["loss"], rel=1e-5)
@@ -222,3 +274,25 @@ def test_the_exported_chat_template_adds_the_system_prompt_the_model_was_trained
         messages = [{"role": role, "content": content} for role, content in turns(row, "")]
         rendered = runs[name]["tokenizer"].apply_chat_template(messages, chat_template=template, tokenize=False)
         assert rendered == chatml(turns(row, system_prompt))
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_each_moe_layer_logs_the_expert_load_and_load_balancing_loss_of_the_transformers_routing(runs, name):
+    records, reference = runs[name]["records"], runs[name]["reference"]
+    sparse = [layer for layer in range(2) if layer not in MODELS[name][1].get("dense_layers", ())]
+    for record, expected in zip(records, reference):
+        assert record["moe"]["layers"] == sparse
+        assert record["moe"]["load_max_over_mean"] == pytest.approx(expected["load_max_over_mean"], rel=1e-6)
+        if "moe_aux_loss_coeff" in MODELS[name][2]:
+            assert record["moe"]["aux_loss"] == pytest.approx(expected["aux_loss"], rel=1e-5)
+        else:
+            assert "aux_loss" not in record["moe"]
+
+
+def test_the_load_balancing_loss_is_added_per_supervised_token(runs):
+    """The trainer minimizes the mean loss plus AUX x the switch loss of its one micro-batch with supervised tokens:
+    its updates are the reference's, which differ from those without the term by far more than the tolerance."""
+    records, reference, without = (runs["qwen3_moe_aux_ep2"][key] for key in ("records", "reference", "without_aux"))
+    totals = [record["loss"] + AUX * sum(record["moe"]["aux_loss"]) for record in records]
+    assert totals == pytest.approx([r["loss"] + AUX * sum(r["aux_loss"]) for r in reference], rel=1e-5)
+    assert all(abs(a["grad_norm"] - b["grad_norm"]) > 5e-3 * b["grad_norm"] for a, b in zip(reference, without))

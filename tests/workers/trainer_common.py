@@ -25,6 +25,13 @@ def test_model():
     return dataclasses.replace(PRESETS["tiny"], name="tiny-test", vocab_size=VOCAB, num_layers=6)
 
 
+def test_moe_model():
+    """``tiny-moe`` (Qwen3-MoE: 8 experts, 2 per token; layer 0 sparse, layer 1 dense) with the test vocabulary."""
+    from megatron_qwen.models.presets import PRESETS
+
+    return dataclasses.replace(PRESETS["tiny-moe"], name="tiny-moe-test", vocab_size=VOCAB)
+
+
 def tokenizer():
     from megatron_qwen.data.tokenizer import load_tokenizer
 
@@ -81,17 +88,18 @@ def random_conversations(count, seed, lengths=(6, SEQ + 1)):
     return conversations
 
 
-def write_start_checkpoint(root):
-    """Iteration 0 of the test model with random weights (single process)."""
+def write_start_checkpoint(root, config=None):
+    """Iteration 0 of ``config`` (default: the test model) with random weights (single process)."""
     import torch
 
     from megatron_qwen.checkpoint import layout
     from megatron_qwen.models.build import build_model
     from megatron_qwen.platform import distributed
 
+    config = config or test_model()
     distributed.initialize(seed=99)
-    model = build_model(test_model(), params_dtype=torch.float32)
-    layout.save_iteration(root, 0, model.sharded_state_dict(), model_config=test_model(), tokenizer=tokenizer())
+    model = build_model(config, params_dtype=torch.float32)
+    layout.save_iteration(root, 0, model.sharded_state_dict(), model_config=config, tokenizer=tokenizer())
     distributed.destroy()
 
 

@@ -7,12 +7,13 @@ Usage: python trainer_setup.py OUT_DIR
 - ``half_a``, ``half_b``: two further datasets for blending; ``half_a_held_out`` as ``plain_held_out``;
 - ``pairs``: 24 conversations of exactly 16 tokens, so that a 32-position row packs exactly two;
 - ``wrong_tokenizer``: stats naming another tokenizer; ``big_ids``: token ids the test model has no row for;
-- ``start/``: iteration 0 of the 6-layer, 1024-row test model, as the converter writes it.
+- ``start/``: iteration 0 of the 6-layer, 1024-row test model, as the converter writes it; ``moe_start/``: of the
+  mixture-of-experts test model.
 """
 import sys
 from pathlib import Path
 
-from trainer_common import random_conversations, tokenizer, write_dataset, write_start_checkpoint
+from trainer_common import random_conversations, test_moe_model, tokenizer, write_dataset, write_start_checkpoint
 
 from megatron_qwen.batching.order import split_conversations
 
@@ -33,6 +34,7 @@ def main(out_dir):
     write_dataset(out / "wrong_tokenizer", random_conversations(8, seed=5), "0" * 64)
     write_dataset(out / "big_ids", [([1, 2, 5000, 3], [0, 0, 1, 1])] * 8, sha)
     write_start_checkpoint(out / "start")
+    write_start_checkpoint(out / "moe_start", test_moe_model())
 
 
 if __name__ == "__main__":
