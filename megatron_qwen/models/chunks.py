@@ -121,7 +121,6 @@ def _mark_expert_parameters(chunk) -> None:
                 param.allreduce = False
 
 
-
 def fusions_in_use(chunks: list) -> list[str]:
     """The ``model_fusions`` switches the built model's ``TransformerConfig`` has on (for the start line)."""
     names = (*FUSED_KERNELS, "gradient_accumulation_fusion")
