@@ -334,7 +334,7 @@ def _model_problems(config: RunConfig, model):
 
 def expert_parallel_problems(model, tensor_parallel: int, expert_parallel: int, expert_tensor_parallel: int | None):
     """(problem or a false value, field name) pairs of an expert layout that does not fit ``model`` (also used by
-    ``tools/verify_conversion.py``)."""
+    ``megatron-qwen verify``)."""
     yield expert_parallel > 1 and not model.is_moe and f"{model.name} has no experts", "expert_parallel"
     yield model.is_moe and model.num_experts % expert_parallel and (
         f"{model.name}'s {model.num_experts} experts do not split evenly over {expert_parallel} ranks"
@@ -481,7 +481,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS, allow_abbrev=False,
     )
     parser.add_argument("--recipe", help="JSON file of settings (field name -> value), applied before the flags; "
-                                         "also a run's SAVE_DIR/run_config.json")
+                                         "also a run's SAVE_DIR/run_config.json, or NAME of a shipped recipe")
     kinds = {}
     for section, field, kind in _fields():
         kinds[field.name] = kind
@@ -593,9 +593,25 @@ def apply_settings(config: RunConfig, settings: dict, source: str) -> RunConfig:
 RUN_CONFIG_SETTINGS = "settings"  # where a run's run_config.json (training/run_config.py) holds them
 
 
-def load_recipe(path: str | Path) -> dict:
-    """A recipe's settings: a JSON object of settings, or a run's ``run_config.json`` (its ``settings``)."""
-    path = Path(path)
+RECIPES = Path(__file__).parent / "recipes"  # the shipped recipes, package data
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """``--recipe``'s file: the one given when it exists, else the shipped recipe of that name (RECIPES/NAME.json)."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    shipped = RECIPES / f"{str(recipe).removesuffix('.json')}.json"
+    if not shipped.is_file():
+        names = ", ".join(sorted(path.stem for path in RECIPES.glob("*.json")))
+        raise ValueError(f"--recipe {recipe}: no such file, nor a shipped recipe ({names})")
+    return shipped
+
+
+def load_recipe(recipe: str | Path) -> dict:
+    """A recipe's settings (``recipe_path``): a JSON object of settings, or a run's ``run_config.json`` (its
+    ``settings``)."""
+    path = recipe_path(recipe)
     try:
         settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:

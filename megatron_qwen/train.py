@@ -14,12 +14,10 @@ cannot be used; 3 when the loss or gradient norm stopped being finite; 4 when a 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from megatron_qwen.platform.fallbacks import quiet_fallback_warnings
 from megatron_qwen.training.interrupts import StopRequest
 
-RECIPES = Path(__file__).parent / "recipes"
 
 
 def _failures() -> tuple:
@@ -43,26 +41,6 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def packaged_recipe(argv: list[str]) -> list[str]:
-    """``argv`` with the value of ``--recipe`` that names a shipped recipe (NAME for RECIPES/NAME.json) replaced by
-    that file's path; a file that exists is taken as it is."""
-    argv = list(argv)
-    for position, argument in enumerate(argv):
-        flag, equals, value = argument.partition("=")
-        if flag != "--recipe":
-            continue
-        value_at = position if equals else position + 1
-        value = value if equals else (argv[value_at] if value_at < len(argv) else None)
-        if value is None or Path(value).exists():
-            continue
-        shipped = RECIPES / f"{value.removesuffix('.json')}.json"
-        if not shipped.is_file():
-            names = ", ".join(sorted(path.stem for path in RECIPES.glob("*.json")))
-            raise ValueError(f"--recipe {value}: no such file, nor a shipped recipe ({names})")
-        argv[value_at] = f"--recipe={shipped}" if equals else str(shipped)
-    return argv
-
-
 def main(argv: list[str] | None = None, prog: str = "megatron-qwen train") -> int:
     # Before anything else: torch and megatron-core take seconds to import, on every rank at once, and a preemption
     # signal meanwhile would kill a process that a requeueing launcher then takes for a failure. Recorded, it stops
@@ -72,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "megatron-qwen train") -> in
     from megatron_qwen.config import parse_config
 
     try:
-        config = parse_config(packaged_recipe(sys.argv[1:] if argv is None else argv), prog)
+        config = parse_config(sys.argv[1:] if argv is None else argv, prog)
     except ValueError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

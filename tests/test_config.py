@@ -3,6 +3,7 @@ import dataclasses
 import json
 import re
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,16 @@ def test_bad_recipe_values_name_the_file_and_setting(tmp_path, settings, message
     recipe.write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=message):
         parse_config(BASE + ["--recipe", str(recipe)])
+
+
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    shipped = Path(__file__).parents[1] / "megatron_qwen" / "recipes" / "qwen_14b_sft.json"
+    monkeypatch.chdir(tmp_path)
+    by_name = parse_config(["--recipe", "qwen_14b_sft", "--data-path", "d"])
+    assert by_name == parse_config(["--recipe", str(shipped), "--data-path", "d"])
+    assert by_name.model.preset == json.loads(shipped.read_text())["preset"]
+    with pytest.raises(ValueError, match=r"--recipe no_such: no such file, nor a shipped recipe \(.*qwen_14b_sft"):
+        parse_config(["--recipe", "no_such"])
 
 
 def test_unreadable_recipe_is_named(tmp_path):

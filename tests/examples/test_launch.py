@@ -30,7 +30,6 @@ from megatron_qwen.checkpoint import layout
 from megatron_qwen.config import parse_config
 from megatron_qwen.models.presets import PRESETS
 from megatron_qwen.platform.distributed import free_port
-from megatron_qwen.train import packaged_recipe
 
 pytestmark = pytest.mark.slow  # the launch script under torchrun and a stand-in SLURM
 
@@ -184,7 +183,7 @@ def test_moe_script_passes_its_recipe_with_a_layout_for_two_nodes_of_eight(tmp_p
                    env={**worker_env(), **srun_task})
     command_line = record.read_text().splitlines()
     assert command_line[0] == "train"
-    config = parse_config(packaged_recipe(command_line[1:]))
+    config = parse_config(command_line[1:])
     config.check_model(PRESETS[config.model.preset])
     assert (config.model.preset, config.training.train_steps) == ("qwen3-30b-a3b", 2000)
     assert (config.data.data_path, config.checkpoint.pretrained_checkpoint) == (["data/chat"], "converted")
