@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from megatron_qwen.platform.fallbacks import quiet_fallback_warnings
 
@@ -50,6 +51,8 @@ def load(hf_dir: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(hf_dir).is_dir():  # transformers would take the name for a Hub repository and say that instead
+        raise FileNotFoundError("no such folder")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
     return tokenizer, model

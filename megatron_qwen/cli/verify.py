@@ -82,19 +82,28 @@ def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from megatron_qwen.checkpoint import layout, manifest, verify
+def checked_iteration(args: argparse.Namespace):
+    """(iteration directory, its model configuration), refused when the layout does not fit the model; checked before
+    any process is started, so that a bad argument is one line, not one failure per rank and torchrun's report."""
+    from megatron_qwen.checkpoint import layout
     from megatron_qwen.config import expert_parallel_problems
-    from megatron_qwen.models.spec import default_layer_impl
-    from megatron_qwen.platform import distributed
 
     iteration_dir = layout.resolve_iteration(args.mcore_dir, args.iteration)
     saved = layout.load_config(iteration_dir)
     for problem, flag in expert_parallel_problems(saved, args.tp, args.ep, args.etp):
         if problem:
             raise ValueError(f"--{'etp' if flag == 'expert_tensor_parallel' else 'ep'}: {problem}")
+    return iteration_dir, saved
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_qwen.checkpoint import manifest, verify
+    from megatron_qwen.models.spec import default_layer_impl
+    from megatron_qwen.platform import distributed
+
+    iteration_dir, saved = checked_iteration(args)
     dtype = getattr(torch, args.dtype)
     standard = verify.TOLERANCES[dtype]
     tolerance = verify.Tolerance(logits=args.logits_tolerance or standard.logits,
@@ -167,9 +176,10 @@ def main(argv=None) -> int:
     quiet_fallback_warnings()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if processes(args) > 1 and not launched():
-        return relaunch(args, argv)
     try:
+        if processes(args) > 1 and not launched():
+            checked_iteration(args)
+            return relaunch(args, argv)
         return run(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"megatron-qwen verify: error: {error}", file=sys.stderr)

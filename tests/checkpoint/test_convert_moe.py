@@ -136,3 +136,11 @@ def test_verify_conversion_passes_at_expert_parallel_layouts(converted, name, la
     assert "random token ids" in result.stdout  # 300 embedding rows cannot hold the ChatML ids
     assert reported(result.stdout, "logits") < 1e-4
     assert reported(result.stdout, "per-token loss") < 1e-4
+
+
+def test_an_expert_layout_that_does_not_fit_is_one_line_before_any_process_starts(converted):
+    result = run_verify("--hf-dir", converted.dir / "q3_hf", "--mcore-dir", converted.dir / "q3_mc", "--ep", 3)
+    assert result.returncode == 2
+    assert re.fullmatch(rf"megatron-qwen verify: error: --ep: .*'s {EXPERTS} experts do not split evenly over 3 ranks",
+                        result.stderr.strip().splitlines()[-1])
+    assert "Traceback" not in result.stderr and "torch.distributed" not in result.stderr
